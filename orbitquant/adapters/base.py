@@ -1,0 +1,42 @@
+"""The adapter contract: all model knowledge of one family behind one small class."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..types import LayerRef, Samples
+
+
+class ModelAdapter(ABC):
+    """Loads a family's pipeline, lists its linears with roles, and samples from it."""
+
+    name: str
+    modality: ClassVar[str] = "image"
+
+    @abstractmethod
+    def load(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+        """The pipeline with real weights (local path or HF cache); a clear error if they are absent."""
+
+    @abstractmethod
+    def build_tiny(self, seed: int = 0) -> Any:
+        """A random-init pipeline of the same architecture, small enough for CPU tests (no hub)."""
+
+    @abstractmethod
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """The module that quantization acts on."""
+
+    @abstractmethod
+    def layers(self, denoiser: nn.Module) -> list[LayerRef]:
+        """Every ``nn.Linear`` of the denoiser exactly once, each with a role."""
+
+    @abstractmethod
+    def probe(self, pipe: Any) -> None:
+        """Run one small, deterministic denoiser evaluation (drives per-layer error probes)."""
+
+    @abstractmethod
+    def generate(self, pipe: Any, **protocol: Any) -> Samples:
+        """Deterministic samples for an evaluation protocol."""

@@ -1,0 +1,132 @@
+"""Typed, validated quantization configs: pure data, one dataclass per method.
+
+``quantize_`` looks the quantizer up by the config's type. Bit widths are 1..8, or 16 for "leave this
+operand in source precision" (so W4A16 means weight-only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+
+from .types import ROLES
+
+ADALN_POLICIES = ("int4_g64", "method", "fp")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bits(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 8 or value == 16):
+        raise ValueError(f"{what} must be an integer in 1..8 (or 16 to leave it unquantized), got {value!r}")
+    return value
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """'bfloat16' -> torch.bfloat16 (None stays None), with an error listing valid names."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Fields shared by every method: bit widths and the layer policy by role.
+
+    * ``skip_roles`` stay in source precision (default: embedders, timestep MLPs, final layer).
+    * ``adaln``: ``int4_g64`` = INT4 group-64 weight-only RTN with ``adaln_act_dtype`` activations (the
+      paper's policy), ``method`` = treat like every other linear, ``fp`` = leave untouched.
+    * ``probe_tokens``: rows of each layer's probe input kept to measure per-layer output error.
+    """
+
+    method: ClassVar[str] = ""
+    w_bits: int = 4
+    a_bits: int = 8
+    skip_roles: tuple[str, ...] = ("embed", "final")
+    adaln: str = "int4_g64"
+    adaln_act_dtype: str | None = "bfloat16"
+    probe_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _bits(self.w_bits, "w_bits")
+        _bits(self.a_bits, "a_bits")
+        object.__setattr__(self, "skip_roles", tuple(self.skip_roles))
+        bad = [r for r in self.skip_roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown roles in skip_roles: {bad}; valid roles: {', '.join(ROLES)}")
+        if self.adaln not in ADALN_POLICIES:
+            raise ValueError(f"adaln must be one of {ADALN_POLICIES}, got {self.adaln!r}")
+        torch_dtype(self.adaln_act_dtype)
+        if self.probe_tokens < 0:
+            raise ValueError("probe_tokens must be >= 0")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class FPConfig(QuantConfig):
+    """Identity: every linear keeps its weights and activations (bit-exact); bit widths are ignored."""
+
+    method: ClassVar[str] = "fp"
+    w_bits: int = 16
+    a_bits: int = 16
+    adaln: str = "fp"
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Round-to-nearest uniform min/max quantization, no calibration.
+
+    Weights: one scale per output channel (``w_granularity="channel"``) or per tensor; activations:
+    dynamic, one scale per token (``a_granularity="token"``) or per tensor; symmetric (absmax) or
+    asymmetric (min/max with zero point).
+    """
+
+    method: ClassVar[str] = "rtn"
+    w_granularity: str = "channel"
+    a_granularity: str = "token"
+    w_symmetric: bool = True
+    a_symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.w_granularity not in ("channel", "tensor"):
+            raise ValueError(f"w_granularity must be 'channel' or 'tensor', got {self.w_granularity!r}")
+        if self.a_granularity not in ("token", "tensor"):
+            raise ValueError(f"a_granularity must be 'token' or 'tensor', got {self.a_granularity!r}")
+        for bits, sym, what in ((self.w_bits, self.w_symmetric, "w"), (self.a_bits, self.a_symmetric, "a")):
+            if sym and bits == 1:
+                raise ValueError(f"{what}_bits=1 needs {what}_symmetric=false (symmetric RTN needs >= 2 bits)")
+
+
+@dataclass(frozen=True)
+class OrbitConfig(QuantConfig):
+    """OrbitQuant: rotate (RPBH), normalise per token / weight row, quantize to one Lloyd-Max codebook per d.
+
+    ``seed`` draws one rotation per input dimension; ``rotation`` may be ``rpbh`` (paper), ``hadamard``
+    (no permutation), ``haar`` (dense) or ``none`` for ablations; ``codebook`` is ``beta`` (exact
+    sphere marginal) or ``gaussian`` (N(0, 1/d)).
+    """
+
+    method: ClassVar[str] = "orbit"
+    seed: int = 0
+    rotation: str = "rpbh"
+    codebook: str = "beta"
+    eps: float = 1e-10
+    norm_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .rotation import ROTATIONS
+
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; valid: {', '.join(ROTATIONS)}")
+        if self.codebook not in ("beta", "gaussian"):
+            raise ValueError(f"codebook must be 'beta' or 'gaussian', got {self.codebook!r}")
+        if not self.eps > 0:
+            raise ValueError("eps must be > 0")
+        torch_dtype(self.norm_dtype)

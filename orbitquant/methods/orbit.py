@@ -1,0 +1,46 @@
+"""``orbit``: OrbitQuant (arXiv 2607.02461), spec section 13.
+
+Offline: ``W' = rot(W)`` row-wise, per-row norm (bf16), unit rows quantized to the Lloyd-Max codebook
+C_{d, b_w}. Runtime: ``x' = rot(x)`` in fp32, per-token norm, unit token quantized to C_{d, b_a},
+rescaled by the raw norm; ``y = x_hat' @ W_hat'.T + b``. One rotation and one codebook per input
+dimension d, shared by every layer with that d.
+"""
+
+from __future__ import annotations
+
+from ..codebook import get_codebook
+from ..config import OrbitConfig, torch_dtype
+from ..nn import DenseWeight, NoActQuant, OrbitActQuant, OrbitWeight, QuantLinear
+from ..registry import register_method
+from ..rotation import Rotation, make_rotation
+from ..types import LayerRef
+from .base import Quantizer
+
+
+@register_method("orbit")
+class OrbitQuantizer(Quantizer):
+    config_cls = OrbitConfig
+
+    def __init__(self, config: OrbitConfig) -> None:
+        super().__init__(config)
+        self._rotations: dict[int, Rotation] = {}
+
+    def rotation(self, d: int) -> Rotation:
+        """The one rotation for input dim ``d`` (drawn from the config seed), shared across layers."""
+        if d not in self._rotations:
+            self._rotations[d] = make_rotation(self.config.rotation, d, self.config.seed)
+        return self._rotations[d]
+
+    def quantize_layer(self, ref: LayerRef) -> QuantLinear:
+        c: OrbitConfig = self.config
+        m = ref.module
+        d = m.in_features
+        rot = self.rotation(d).to(m.weight.device)
+        w_rot = rot(m.weight.detach())
+        store = (DenseWeight(w_rot.to(m.weight.dtype)) if c.w_bits == 16
+                 else OrbitWeight(w_rot, get_codebook(d, c.w_bits, c.codebook, m.weight.device), c.eps,
+                                  torch_dtype(c.norm_dtype)))
+        act = (NoActQuant() if c.a_bits == 16
+               else OrbitActQuant(get_codebook(d, c.a_bits, c.codebook, m.weight.device), c.eps))
+        return QuantLinear(store, m.bias, act, rotation=rot, compute_dtype=m.weight.dtype, name=ref.fqn,
+                           treatment=f"orbit w{c.w_bits}a{c.a_bits}")

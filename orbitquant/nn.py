@@ -1,0 +1,250 @@
+"""``QuantLinear``: input rotation -> activation quantizer -> matmul with a stored (packed) weight.
+
+The weight's persistent state is what would be shipped (packed integer codes plus scales or norms);
+``state_dict`` therefore holds real low-bit bytes. The fake-quant forward uses a dequantized copy kept
+as a non-persistent buffer and rebuilt whenever the packed state is loaded. Nothing here is a low-bit
+kernel: speed measured through this path is fake-quant speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codebook import Codebook
+from .primitives import dequantize_groups, fake_quant_uniform, pack_codes, qrange, quantize_groups, unpack_codes
+from .rotation import Rotation
+
+
+class NonFiniteInput(ValueError):
+    """Raised by activation quantizers on NaN/Inf input; ``QuantLinear`` adds the layer name."""
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+# ------------------------------------------------------------------------------------ activation quantizers
+class ActQuantizer(nn.Module):
+    """Maps (rotated) activations to their quantized values; same shape, fp32 out."""
+
+    bits: int = 16
+
+
+class NoActQuant(ActQuantizer):
+    """Activations pass through; ``dtype`` optionally rounds them (e.g. bf16 activations of weight-only layers)."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dtype is None else x.to(self.dtype).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}" if self.dtype else ""
+
+
+class UniformActQuant(ActQuantizer):
+    """Dynamic round-to-nearest: one min/max (or absmax) scale per token, or per tensor."""
+
+    def __init__(self, bits: int, symmetric: bool, granularity: str = "token") -> None:
+        super().__init__()
+        qrange(bits, symmetric)  # validates
+        if granularity not in ("token", "tensor"):
+            raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
+        self.bits, self.symmetric, self.granularity = bits, symmetric, granularity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if not torch.isfinite(xf.abs().amax()):
+            raise NonFiniteInput("activation contains NaN or Inf")
+        return fake_quant_uniform(xf, self.bits, self.symmetric, (-1,) if self.granularity == "token" else None)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"
+
+
+class OrbitActQuant(ActQuantizer):
+    """OrbitQuant's runtime activation pass on already-rotated tokens.
+
+    ``s = ||x'||`` (fp32, per token), ``u = x' / (s + eps)``, ``q = C[nearest(u)]``, output ``s * q``.
+    No range estimation, no calibration: the only runtime statistic is the token norm.
+    """
+
+    def __init__(self, codebook: Codebook, eps: float = 1e-10) -> None:
+        super().__init__()
+        self.codebook = codebook
+        self.bits = codebook.bits
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        s = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        if not torch.isfinite(s).all():
+            raise NonFiniteInput("activation contains NaN or Inf")
+        return s * self.codebook(xf / (s + self.eps))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, eps={self.eps}"
+
+
+# ----------------------------------------------------------------------------------------- weight stores
+class WeightStore(nn.Module):
+    """Persistent storage of one weight matrix; ``dequantize()`` gives the fp32 matrix the matmul uses."""
+
+    bits: int = 16
+    shape: tuple[int, int]
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the persistent (saved) state."""
+        return _nbytes(self)
+
+
+class DenseWeight(WeightStore):
+    """The weight as is, in its source dtype (identity / unquantized layers)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("w", weight.detach().clone())
+        self.shape = tuple(weight.shape)
+        self.bits = torch.finfo(weight.dtype).bits
+
+    def dequantize(self) -> torch.Tensor:
+        return self.w
+
+
+class UniformWeight(WeightStore):
+    """Round-to-nearest uniform weights, one scale (and zero point) per output row or per tensor."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, symmetric: bool = True, granularity: str = "channel") -> None:
+        super().__init__()
+        if granularity not in ("channel", "tensor"):
+            raise ValueError(f"weight granularity must be 'channel' or 'tensor', got {granularity!r}")
+        self.bits, self.symmetric, self.granularity, self.shape = bits, symmetric, granularity, tuple(weight.shape)
+        w = weight.detach().float()
+        lo_q, hi_q = qrange(bits, symmetric)
+        red = dict(dim=-1, keepdim=True) if granularity == "channel" else {}
+        tiny = torch.finfo(torch.float32).tiny
+        if symmetric:
+            absmax = w.abs().amax(**red) if red else w.abs().max().reshape(1, 1)
+            scale, zero = (absmax / hi_q).clamp_min(tiny), torch.zeros(())
+        else:
+            mn = w.amin(**red) if red else w.min().reshape(1, 1)
+            mx = w.amax(**red) if red else w.max().reshape(1, 1)
+            scale = ((mx - mn) / hi_q).clamp_min(tiny)
+            zero = torch.round(-mn / scale)
+        q = torch.clamp(torch.round(w / scale) + zero, lo_q, hi_q)
+        self.register_buffer("codes", pack_codes((q - lo_q).to(torch.int32), bits))
+        self.register_buffer("scale", scale.reshape(-1))
+        self.register_buffer("zero", zero.reshape(-1) if not symmetric else torch.zeros(0))
+
+    def dequantize(self) -> torch.Tensor:
+        lo_q, _ = qrange(self.bits, self.symmetric)
+        q = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape).float() + lo_q
+        scale = self.scale.view(-1, 1)
+        zero = self.zero.view(-1, 1) if self.zero.numel() else 0.0
+        return (q - zero) * scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"
+
+
+class GroupWeight(WeightStore):
+    """Symmetric per-group integer weights (absmax / (2^(b-1)-1)) with bf16 scales: the adaLN INT4 g64 format."""
+
+    def __init__(self, weight: torch.Tensor, bits: int = 4, group: int = 64) -> None:
+        super().__init__()
+        self.bits, self.group, self.shape = bits, group, tuple(weight.shape)
+        codes, scales = quantize_groups(weight, bits, group)
+        lo_q, _ = qrange(bits, True)
+        self.register_buffer("codes", pack_codes(codes.to(torch.int32) - lo_q, bits))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+
+    def dequantize(self) -> torch.Tensor:
+        lo_q, _ = qrange(self.bits, True)
+        q = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape) + lo_q
+        return dequantize_groups(q, self.scales, self.group)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group={self.group}"
+
+
+class OrbitWeight(WeightStore):
+    """OrbitQuant weight rows: packed codebook indices of the unit rows plus bf16 row norms.
+
+    Built from the *rotated* weight ``W' = rot(W)``; ``dequantize()`` returns ``n_i * C[idx_i]``.
+    """
+
+    def __init__(self, rotated_weight: torch.Tensor, codebook: Codebook, eps: float = 1e-10,
+                 norm_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.codebook = codebook
+        self.bits, self.shape = codebook.bits, tuple(rotated_weight.shape)
+        w = rotated_weight.detach().float()
+        n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        idx = codebook.encode(w / n.clamp_min(eps))
+        self.register_buffer("codes", pack_codes(idx, self.bits))
+        self.register_buffer("norms", n.reshape(-1).to(norm_dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
+        return self.codebook.decode(idx) * self.norms.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, norm_dtype={self.norms.dtype}"
+
+
+# ------------------------------------------------------------------------------------------ QuantLinear
+class QuantLinear(nn.Module):
+    """``y = F.linear(act(rot(x)), dequant(W_store), bias)``: a drop-in for ``nn.Linear``.
+
+    ``rotation`` is applied to activations only; for rotated methods the weight store already holds
+    ``W' = rot(W)``, so no inverse rotation runs at runtime.
+    """
+
+    def __init__(self, store: WeightStore, bias: torch.Tensor | None, act: ActQuantizer | None = None,
+                 rotation: Rotation | None = None, compute_dtype: torch.dtype = torch.float32, name: str = "",
+                 treatment: str = "") -> None:
+        super().__init__()
+        self.out_features, self.in_features = store.shape
+        self.store = store
+        self.act = act if act is not None else NoActQuant()
+        self.rotation = rotation
+        self.compute_dtype = compute_dtype
+        self.name, self.treatment = name, treatment
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("weight", None, persistent=False)
+        self.refresh()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the dequantized weight from the stored (packed) state."""
+        w = self.store.dequantize()
+        self.weight = w.to(device=w.device, dtype=self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"layer {self.name!r} expects input dim {self.in_features}, got {tuple(x.shape)}")
+        h = self.rotation(x) if self.rotation is not None else x
+        try:
+            h = self.act(h)
+        except NonFiniteInput as e:
+            raise NonFiniteInput(f"layer {self.name!r} ({self.treatment}): {e}") from None
+        y = F.linear(h.to(self.compute_dtype), self.weight, self.bias)
+        return y.to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the persistent state: packed weight, scales/norms, bias (rotation/codebook seeds excluded)."""
+        return self.store.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"treatment={self.treatment!r}, bias={self.bias is not None}")

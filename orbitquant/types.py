@@ -1,0 +1,60 @@
+"""Core value types shared by adapters, methods and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+#: Roles an adapter may give a linear layer. Methods address layers by role, never by name.
+ROLES = (
+    "attn.q", "attn.k", "attn.v", "attn.out",          # self-attention
+    "ctx.q", "ctx.k", "ctx.v", "ctx.out",              # text/context stream or cross-attention
+    "ff.up", "ff.gate", "ff.down",                      # feed-forward
+    "ctx.ff.up", "ctx.ff.down",                         # context-stream feed-forward
+    "adaln",                                            # modulation linears inside blocks
+    "embed",                                            # patch/text/timestep/class embedders
+    "final",                                            # final modulation and output projection
+    "linear",                                           # anything else (no adapter)
+)
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One ``nn.Linear`` of a denoiser, as an adapter sees it."""
+
+    fqn: str
+    role: str
+    block: int  # -1 outside the block stack
+    module: nn.Linear
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r} for {self.fqn}; valid roles: {', '.join(ROLES)}")
+
+
+@dataclass
+class Samples:
+    """Generated images in [-1, 1] with the conditioning that produced them."""
+
+    images: torch.Tensor  # (N, C, H, W) float32, CPU
+    labels: torch.Tensor  # (N,) int64 class labels (or prompt indices)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric value with its direction and sample count; ``std`` is a spread over samples if known."""
+
+    name: str
+    value: float
+    higher_is_better: bool
+    n: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "higher_is_better": self.higher_is_better, "n": self.n, **self.extra}

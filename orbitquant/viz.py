@@ -1,0 +1,36 @@
+"""Pictures: sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, scale: int = 4, max_rows: int = 10) -> Path:
+    """Save up to ``ncol * max_rows`` images as one PNG grid (nearest upsampling by ``scale``, 1px gutters).
+
+    With labels cycling 0..9 (the digits protocol), column k shows class k.
+    """
+    from PIL import Image
+
+    arr = to_uint8(images[: ncol * max_rows])
+    n, h, w, c = arr.shape
+    rows = -(-n // ncol)
+    hs, ws = h * scale, w * scale
+    canvas = np.full((rows * (hs + 1) + 1, ncol * (ws + 1) + 1, c), 64, dtype=np.uint8)
+    for i, img in enumerate(arr):
+        r, k = divmod(i, ncol)
+        big = img.repeat(scale, 0).repeat(scale, 1)
+        canvas[1 + r * (hs + 1): 1 + r * (hs + 1) + hs, 1 + k * (ws + 1): 1 + k * (ws + 1) + ws] = big
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(path)
+    return path
