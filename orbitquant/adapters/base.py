@@ -40,3 +40,7 @@ class ModelAdapter(ABC):
     @abstractmethod
     def generate(self, pipe: Any, **protocol: Any) -> Samples:
         """Deterministic samples for an evaluation protocol."""
+
+    def fingerprint(self) -> str:
+        """Identifies the loaded weights (keys caches of fp reference samples)."""
+        return ""

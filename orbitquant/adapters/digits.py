@@ -10,6 +10,7 @@ Euler solver and classifier-free guidance; label 10 is the null class.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,10 @@ class DigitsAdapter(ModelAdapter):
         if self.outlier_channels:
             inject_outliers(model, self.outlier_channels, self.outlier_scale, self.outlier_seed)
         return DigitsPipeline(model, image_size=model.config.sample_size)
+
+    def fingerprint(self) -> str:
+        weights = self.path / "diffusion_pytorch_model.safetensors"
+        return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "missing"
 
     def denoiser(self, pipe: DigitsPipeline) -> nn.Module:
         return pipe.transformer

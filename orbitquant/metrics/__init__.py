@@ -1,0 +1,7 @@
+"""Metrics; importing this package registers them."""
+
+from . import digits  # noqa: F401
+from .base import Metric
+from .digits import DigitsContext
+
+__all__ = ["Metric", "DigitsContext"]

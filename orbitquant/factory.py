@@ -1,0 +1,49 @@
+"""Build typed objects from plain config dicts (what Hydra composes), with errors that name the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .adapters.base import ModelAdapter
+from .config import QuantConfig
+from .metrics.base import Metric
+from .registry import METHODS, METRICS, MODELS
+
+
+def _split(cfg: dict, key: str, kind: str) -> tuple[str, dict]:
+    cfg = dict(cfg)
+    if key not in cfg:
+        raise KeyError(f"{kind} config needs a {key!r} entry")
+    return cfg.pop(key), cfg
+
+
+def build_adapter(model_cfg: dict) -> ModelAdapter:
+    """``{adapter: digits, name: digits_outliers, **kwargs}`` -> adapter instance."""
+    adapter, kwargs = _split(model_cfg, "adapter", "model")
+    cls = MODELS.get(adapter)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad options for model adapter {adapter!r}: {e}") from None
+
+
+def build_quant_config(quant_cfg: dict) -> QuantConfig:
+    """``{method: orbit, tag: w4a8, w_bits: 4, ...}`` -> validated ``OrbitConfig``; ``tag`` only names run dirs."""
+    method, kwargs = _split(quant_cfg, "method", "quant")
+    kwargs.pop("tag", None)
+    cls = METHODS.get(method).config_cls
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for quant={method}; valid: {', '.join(sorted(valid))}")
+    return cls(**kwargs)
+
+
+def build_metrics(names: list[str]) -> list[Metric]:
+    return [METRICS.get(n)() for n in names]
+
+
+def metric_contexts(metrics: list[Metric]) -> dict[type, Any]:
+    """One shared context object per context class the metrics ask for."""
+    return {m.context_cls: m.context_cls() for m in metrics if m.context_cls is not None}

@@ -1,0 +1,53 @@
+"""Deterministic sampling, sample files, and the cached fp reference samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .types import Samples
+from .viz import save_grid
+
+log = logging.getLogger(__name__)
+
+
+def save_samples(samples: Samples, out_dir: Path) -> dict[str, str]:
+    """``samples.npz`` (float images in [-1, 1], labels) and ``grid.png`` (column k = class k)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / "samples.npz", images=samples.images.numpy(), labels=samples.labels.numpy())
+    grid = save_grid(samples.images, out_dir / "grid.png")
+    return {"samples": str(out_dir / "samples.npz"), "grid": str(grid)}
+
+
+def load_samples(path: Path) -> Samples:
+    data = np.load(path)
+    return Samples(images=torch.from_numpy(data["images"]), labels=torch.from_numpy(data["labels"]))
+
+
+def reference_key(model_cfg: dict, protocol: dict, seed: int, fingerprint: str) -> str:
+    """Cache key of the fp reference: model config, sampling protocol, seed and the weights' fingerprint."""
+    blob = json.dumps({"model": model_cfg, "protocol": protocol, "seed": seed, "weights": fingerprint},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reference_samples(generate, cache_dir: Path, key: str) -> tuple[Samples, bool]:
+    """The fp samples for ``key``: from ``cache_dir`` if present, else ``generate()`` and cache them.
+
+    Returns ``(samples, was_cached)``. The cache is what lets a sweep score every method against the
+    same fp samples without re-sampling the fp model in every job.
+    """
+    path = cache_dir / f"{key}.npz"
+    if path.exists():
+        return load_samples(path), True
+    samples = generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, images=samples.images.numpy(), labels=samples.labels.numpy())
+    tmp.replace(path)
+    return samples, False

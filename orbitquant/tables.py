@@ -1,0 +1,64 @@
+"""Results on disk -> tidy tables. Reads ``results.json`` files, never a tracking server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+ID_COLS = ["model", "method", "tag", "eval", "quant_seed", "seed"]
+
+
+def _num(v) -> float:
+    return float(v)  # accepts the "inf" strings written for non-finite values
+
+
+def format_summary(results: dict, path: Path | None = None) -> str:
+    """The short table a run prints: metric, direction, fp reference, quantized."""
+    c = results["config"]
+    q = results["quant_report"]["summary"]
+    lines = [
+        f"\n{c['model']['name']} | {c['quant']['method']} {c['quant']['tag']} | eval={c['eval']['name']} "
+        f"seed={c['seed']} quant_seed={c['quant_seed']}",
+        f"quantized {sum(v for k, v in q['treatments'].items() if k != 'skip')}/{q['n_linear']} linears "
+        f"{q['treatments']}; linear bytes {q['linear_bytes_src'] / 1e6:.2f} MB -> {q['linear_bytes_quant'] / 1e6:.2f} MB; "
+        f"mean per-layer rel. error {q['mean_rel_err'] if q['mean_rel_err'] is None else round(q['mean_rel_err'], 4)}",
+        f"{'metric':<16} {'better':>6} {'fp reference':>13} {'quantized':>11} {'n':>6}",
+    ]
+    for name, m in results["metrics"].items():
+        ref = results["reference_metrics"][name]["value"]
+        lines.append(f"{name:<16} {'higher' if m['higher_is_better'] else 'lower':>6} {_num(ref):>13.4f} "
+                     f"{_num(m['value']):>11.4f} {m['n']:>6}")
+    if path is not None:
+        lines.append(f"results: {path}")
+    return "\n".join(lines)
+
+
+def load_results(root: str | Path = "results/runs") -> pd.DataFrame:
+    """One row per (run, metric): id columns, metric, value, higher_is_better, n, reference value."""
+    rows = []
+    for p in sorted(Path(root).glob("**/results.json")):
+        r = json.loads(p.read_text())
+        c = r["config"]
+        ids = {"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
+               "eval": c["eval"]["name"], "quant_seed": c["quant_seed"], "seed": c["seed"]}
+        for name, m in r["metrics"].items():
+            rows.append({**ids, "metric": name, "value": _num(m["value"]), "higher_is_better": m["higher_is_better"],
+                         "n": m["n"], "reference": _num(r["reference_metrics"][name]["value"]), "path": str(p)})
+    return pd.DataFrame(rows)
+
+
+def mean_std_table(df: pd.DataFrame, metrics: list[str] | None = None, by: tuple[str, ...] = ("model", "method", "tag"),
+                   decimals: int = 3) -> pd.DataFrame:
+    """Mean ± std over seeds, one row per setting, one column per metric (with the number of runs)."""
+    if metrics is not None:
+        df = df[df["metric"].isin(metrics)]
+    g = df.groupby([*by, "metric"])["value"]
+    stats = g.agg(["mean", "std", "count"]).reset_index()
+    stats["cell"] = stats.apply(
+        lambda r: f"{r['mean']:.{decimals}f} ± {0.0 if pd.isna(r['std']) else r['std']:.{decimals}f}", axis=1)
+    table = stats.pivot(index=list(by), columns="metric", values="cell")
+    table["runs"] = stats.groupby(list(by))["count"].max()
+    cols = [m for m in (metrics or sorted(df["metric"].unique())) if m in table.columns] + ["runs"]
+    return table[cols]

@@ -1,0 +1,47 @@
+"""Aggregate results/runs/**/results.json into mean ± std tables over seeds.
+
+    python scripts/make_tables.py                       # all runs, all metrics -> stdout
+    python scripts/make_tables.py --model digits --eval digits --out results/tables/digits.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orbitquant.tables import load_results, mean_std_table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="results/runs")
+    ap.add_argument("--model", nargs="*", help="keep only these models")
+    ap.add_argument("--eval", nargs="*", help="keep only these eval protocols")
+    ap.add_argument("--metrics", nargs="*", help="metric columns (default: all)")
+    ap.add_argument("--decimals", type=int, default=3)
+    ap.add_argument("--out", type=Path, help="write markdown here (and a .csv beside it)")
+    args = ap.parse_args()
+    df = load_results(args.root)
+    if df.empty:
+        sys.exit(f"no results.json under {args.root}; run `python run.py` first")
+    if args.model:
+        df = df[df["model"].isin(args.model)]
+    if args.eval:
+        df = df[df["eval"].isin(args.eval)]
+    table = mean_std_table(df, args.metrics, by=("model", "method", "tag"), decimals=args.decimals)
+    arrows = {m: ("↑" if hib else "↓") for m, hib in df.groupby("metric")["higher_is_better"].first().items()}
+    table = table.rename(columns={m: f"{m} {arrows[m]}" for m in table.columns if m in arrows})
+    md = table.to_markdown()
+    print(md)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(md + "\n")
+        table.to_csv(args.out.with_suffix(".csv"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    main()
