@@ -175,24 +175,59 @@ def distortion(d: int, bits: int) -> float:
 
 
 class Codebook(torch.nn.Module):
-    """A scalar codebook as buffers: nearest-centroid quantization by bucketizing against midpoints."""
+    """A scalar codebook as buffers: exact nearest-centroid quantization against the midpoint thresholds.
+
+    ``encode`` returns ``#{thresholds t : t < u}`` (what ``torch.bucketize`` returns), but computes it
+    with a uniform-grid lookup table instead of a binary search, which is ~10x slower on CPU: the grid
+    is finer than the smallest gap between thresholds, so each cell holds at most one threshold; one
+    gather gives the count below the cell, one comparison settles the cell's own threshold, and a
+    final +-1 correction absorbs floating-point rounding of the cell index.
+    """
 
     def __init__(self, centroids: torch.Tensor) -> None:
         super().__init__()
-        c = centroids.to(torch.float32)
-        self.register_buffer("centroids", c, persistent=False)
-        self.register_buffer("thresholds", 0.5 * (c[:-1] + c[1:]), persistent=False)
+        c = centroids.to(torch.float64)
+        t = 0.5 * (c[:-1] + c[1:])
+        self.register_buffer("centroids", c.float(), persistent=False)
+        self.register_buffer("thresholds", t.float(), persistent=False)
+        t = t.float().double()  # the grid must be built on the thresholds actually compared against
+        k = len(t)
+        if k > 1:
+            width = float((t[1:] - t[:-1]).min()) / 2
+            n_cells = int(math.ceil(float(t[-1] - t[0]) / width)) + 1
+            edges = float(t[0]) + width * torch.arange(n_cells, dtype=torch.float64)
+            base = torch.searchsorted(t, edges, right=False)  # thresholds strictly below each cell's left edge
+            inside = torch.full((n_cells,), math.inf, dtype=torch.float64)
+            cell = torch.floor((t - float(t[0])) / width).long().clamp_(0, n_cells - 1)
+            inside[cell] = t
+            base = torch.minimum(base, cell.new_tensor(k - 1).expand_as(base))
+        else:
+            width, n_cells = 1.0, 1
+            base, inside = torch.zeros(1, dtype=torch.long), t.clone()
+        self.lo, self.inv_width, self.n_cells = float(t[0]), 1.0 / width, n_cells
+        self.register_buffer("_base", base, persistent=False)
+        self.register_buffer("_inside", inside.float(), persistent=False)
+        # padded thresholds for the +-1 correction: t_pad[i] = t_{i-1}, with -inf / +inf at the ends
+        pad = torch.cat([torch.tensor([-math.inf]), t.float(), torch.tensor([math.inf])])
+        self.register_buffer("_tpad", pad, persistent=False)
 
     @property
     def bits(self) -> int:
         return int(math.log2(len(self.centroids)))
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centroid for every element (int64)."""
-        return torch.bucketize(u, self.thresholds)
+        """Index of the nearest centroid for every element (int64); equals ``torch.bucketize(u, thresholds)``."""
+        flat = u.reshape(-1)  # 1-D index_select is several times faster than advanced indexing on CPU
+        j = ((flat - self.lo) * self.inv_width).floor_().clamp_(0, self.n_cells - 1).long()
+        idx = self._base.index_select(0, j)
+        idx += flat > self._inside.index_select(0, j)
+        # rounding may put u one cell off: fix idx so that t_{idx-1} < u <= t_idx
+        idx += flat > self._tpad.index_select(0, idx + 1)
+        idx -= (flat <= self._tpad.index_select(0, idx)).long()
+        return idx.view(u.shape)
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.centroids[idx]
+        return self.centroids.index_select(0, idx.reshape(-1)).view(idx.shape)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(u))

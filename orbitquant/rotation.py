@@ -33,18 +33,26 @@ def largest_pow2_divisor(d: int) -> int:
 
 
 def fwht(x: torch.Tensor, h: int) -> torch.Tensor:
-    """Unnormalised Walsh-Hadamard transform on contiguous blocks of ``h`` along the last dim (butterfly)."""
+    """Unnormalised Walsh-Hadamard transform on contiguous blocks of ``h`` along the last dim.
+
+    The butterfly runs log2(h) stages; each writes sums and differences of paired strided views into
+    one of two ping-pong buffers (no per-stage concatenation). The input is not modified.
+    """
     if h & (h - 1):
         raise ValueError(f"Hadamard block size must be a power of two, got {h}")
     shape = x.shape
-    y = x.reshape(-1, shape[-1] // h, h)
-    s = 1
+    n = x.numel() // h
+    src = x.reshape(n, h)
+    bufs = (torch.empty_like(src), torch.empty_like(src))
+    s, k = 1, 0
     while s < h:
-        y = y.reshape(y.shape[0], y.shape[1], h // (2 * s), 2, s)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
-        s *= 2
-    return y.reshape(shape)
+        a = src.view(n, h // (2 * s), 2, s)
+        dst = bufs[k % 2]
+        o = dst.view(n, h // (2 * s), 2, s)
+        torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+        torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+        src, s, k = dst, 2 * s, k + 1
+    return src.view(shape)
 
 
 def _generator(seed: int, d: int) -> torch.Generator:
