@@ -27,6 +27,8 @@ class LayerRecord:
     treatment: str  # "skip" | "int4_g64 wo" | "<method> w<W>a<A>" | "fp"
     in_features: int
     out_features: int
+    w_bits: int  # bits per stored weight code (source float bits when not quantized)
+    a_bits: int  # bits per activation code (source float bits when not quantized)
     bytes_src: int
     bytes_q: int
     rel_err: float | None = None  # ||y_q - y|| / ||y|| on the probe input
@@ -107,6 +109,8 @@ def _check_layers(model: nn.Module, layers: list[LayerRef]) -> None:
             raise ValueError(f"layer {ref.fqn!r} does not match the module in the model")
         if not isinstance(ref.module, nn.Linear):
             raise TypeError(f"layer {ref.fqn!r} is a {type(ref.module).__name__}, not nn.Linear")
+        if ref.module.weight.device.type != "meta" and not torch.isfinite(ref.module.weight).all():
+            raise ValueError(f"layer {ref.fqn!r} has NaN or Inf weights; fix the checkpoint before quantizing")
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -200,8 +204,12 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     for ref in layers:
         m = ref.module
         new = replacements.get(ref.fqn)
+        src_bits = torch.finfo(m.weight.dtype).bits
         rec = LayerRecord(ref.fqn, ref.role, ref.block, "skip" if new is None else new.treatment,
-                          m.in_features, m.out_features, _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
+                          m.in_features, m.out_features,
+                          src_bits if new is None else new.store.bits,
+                          src_bits if new is None or new.act.bits == 16 else new.act.bits,
+                          _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
         if new is not None:
             _set_submodule(model, ref.fqn, new)
             if ref.fqn in inputs:

@@ -216,14 +216,17 @@ class Codebook(torch.nn.Module):
         return int(math.log2(len(self.centroids)))
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centroid for every element (int64); equals ``torch.bucketize(u, thresholds)``."""
+        """Index of the nearest centroid for every element (int64); equals ``torch.bucketize(u, thresholds)``.
+
+        Inputs must not be NaN (callers check: ``QuantLinear`` on activations, ``quantize_`` on weights).
+        """
         flat = u.reshape(-1)  # 1-D index_select is several times faster than advanced indexing on CPU
         j = ((flat - self.lo) * self.inv_width).floor_().clamp_(0, self.n_cells - 1).long()
         idx = self._base.index_select(0, j)
         idx += flat > self._inside.index_select(0, j)
         # rounding may put u one cell off: fix idx so that t_{idx-1} < u <= t_idx
         idx += flat > self._tpad.index_select(0, idx + 1)
-        idx -= (flat <= self._tpad.index_select(0, idx)).long()
+        idx -= ((flat <= self._tpad.index_select(0, idx)) & (idx > 0)).long()
         return idx.view(u.shape)
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:

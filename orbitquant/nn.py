@@ -201,6 +201,10 @@ class OrbitWeight(WeightStore):
 
 
 # ------------------------------------------------------------------------------------------ QuantLinear
+def _refresh_after_load(module: "QuantLinear", _incompatible_keys) -> None:
+    module.refresh()  # a module-level function (not a lambda) keeps quantized models picklable
+
+
 class QuantLinear(nn.Module):
     """``y = F.linear(act(rot(x)), dequant(W_store), bias)``: a drop-in for ``nn.Linear``.
 
@@ -221,7 +225,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("weight", None, persistent=False)
         self.refresh()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
     def refresh(self) -> None:
