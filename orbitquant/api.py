@@ -155,6 +155,9 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     source precision, ``adaln`` layers follow ``config.adaln``, everything else gets the method.
     ``probe`` runs the model once on a small batch; each quantized layer's relative output error is
     measured on the inputs it saw there (without a probe: on N(0, 1) inputs).
+
+    Layers are converted one at a time and each replaced ``nn.Linear`` is moved to the meta device,
+    so peak memory stays near one model copy plus one layer.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (e.g. OrbitConfig, RTNConfig), got {type(config).__name__}")
@@ -192,28 +195,27 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
             for ref in targets:
                 w = ref.module.weight
                 inputs[ref.fqn] = torch.randn(config.probe_tokens, w.shape[1], generator=g).to(w.device, w.dtype)
-    modules = {ref.fqn: ref.module for ref in targets}
-    reference = {fqn: modules[fqn](x) for fqn, x in inputs.items()}
+    quantizer.prepare([ref for ref in targets if plan[ref.fqn] == "method"])
 
-    method_refs = [ref for ref in targets if plan[ref.fqn] == "method"]
-    quantizer.prepare(method_refs)
-    replacements = quantizer.convert(method_refs)
-    replacements.update({ref.fqn: _adaln_layer(ref, config) for ref in targets if plan[ref.fqn] == "adaln"})
-
+    # stream layer by layer: build one replacement, measure it, swap it in, drop the original
     report = QuantReport(method=config.method, config=config.to_dict(), probe=probe_kind)
     for ref in layers:
         m = ref.module
-        new = replacements.get(ref.fqn)
         src_bits = torch.finfo(m.weight.dtype).bits
+        treatment = plan[ref.fqn]
+        new = None if treatment == "skip" else (
+            _adaln_layer(ref, config) if treatment == "adaln" else quantizer.quantize_layer(ref))
         rec = LayerRecord(ref.fqn, ref.role, ref.block, "skip" if new is None else new.treatment,
                           m.in_features, m.out_features,
                           src_bits if new is None else new.store.bits,
                           src_bits if new is None or new.act.bits == 16 else new.act.bits,
                           _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
         if new is not None:
+            x = inputs.pop(ref.fqn, None)
+            if x is not None:
+                rec.rel_err = relative_error(m(x), new(x))
             _set_submodule(model, ref.fqn, new)
-            if ref.fqn in inputs:
-                rec.rel_err = relative_error(reference[ref.fqn], new(inputs[ref.fqn]))
+            m.to("meta")  # free the replaced weights now, even if the caller still holds ``layers``
         report.layers.append(rec)
     report.seconds = time.perf_counter() - t0
     return report

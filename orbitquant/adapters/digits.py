@@ -48,7 +48,7 @@ def build_dit(seed: int = 0, **overrides) -> nn.Module:
 
 
 @torch.no_grad()
-def inject_outliers(model: nn.Module, channels: int = 4, scale: float = 32.0, seed: int = 0) -> list[list[int]]:
+def inject_outliers(model: nn.Module, channels: int = 4, scale: float = 8.0, seed: int = 0) -> list[list[int]]:
     """Function-preserving outlier injection, in place.
 
     In every block, ``channels`` hidden channels of the adaLN-modulated attention and FFN inputs are
@@ -112,7 +112,7 @@ class DigitsAdapter(ModelAdapter):
     modality = "image"
 
     def __init__(self, name: str = "digits", path: str | None = None, outlier_channels: int = 0,
-                 outlier_scale: float = 32.0, outlier_seed: int = 0) -> None:
+                 outlier_scale: float = 8.0, outlier_seed: int = 0) -> None:
         if outlier_channels < 0 or outlier_scale <= 0:
             raise ValueError("outlier_channels must be >= 0 and outlier_scale > 0")
         self.name = name

@@ -10,7 +10,7 @@ from ..types import LayerRef
 
 
 class Quantizer:
-    """Turns the layers a policy assigns to the method into ``QuantLinear`` replacements.
+    """Turns each layer the policy assigns to the method into a ``QuantLinear`` replacement.
 
     Calibrated methods set ``needs_calibration`` and install observers in ``prepare``; the calibration
     data then flows through the model between ``prepare`` and ``convert``.
@@ -28,8 +28,6 @@ class Quantizer:
         """Install observers (calibrated methods only)."""
 
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
+        """The replacement for one layer; ``quantize_`` calls it layer by layer and swaps each in at once,
+        so at most one extra layer's weights are alive at a time."""
         raise NotImplementedError
-
-    def convert(self, layers: list[LayerRef]) -> dict[str, QuantLinear]:
-        """Replacement module for every layer (by fqn); the caller swaps them in."""
-        return {ref.fqn: self.quantize_layer(ref) for ref in layers}

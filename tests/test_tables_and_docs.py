@@ -1,0 +1,68 @@
+"""Tables aggregate results.json files by seed; CI runs exactly the README's test command."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from orbitquant.rundir import RunDir
+from orbitquant.tables import format_summary, load_results, mean_std_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fake_result(root: Path, method: str, seed: int, psnr: float) -> None:
+    cfg = {"model": {"name": "digits"}, "quant": {"method": method, "tag": "w4a4"}, "eval": {"name": "digits"},
+           "seed": seed, "quant_seed": seed}
+    metrics = {"psnr_vs_fp": {"value": psnr, "higher_is_better": True, "n": 500}}
+    ref = {"psnr_vs_fp": {"value": float("inf"), "higher_is_better": True, "n": 500}}
+    run = RunDir(root / "digits" / method / "w4a4" / "digits" / f"q{seed}-s{seed}")
+    run.write_results({"config": cfg, "metrics": metrics, "reference_metrics": ref,
+                       "quant_report": {"summary": {"treatments": {"x": 1}, "n_linear": 1, "linear_bytes_src": 4,
+                                                    "linear_bytes_quant": 1, "mean_rel_err": 0.1}}})
+
+
+def test_mean_std_over_seeds(tmp_path):
+    for seed, v in enumerate([20.0, 22.0, 24.0]):
+        _fake_result(tmp_path, "orbit", seed, v)
+    _fake_result(tmp_path, "rtn", 0, 15.0)
+    df = load_results(tmp_path)
+    assert len(df) == 4 and df["reference"].iloc[0] == float("inf")
+    table = mean_std_table(df, ["psnr_vs_fp"])
+    assert table.loc[("digits", "orbit", "w4a4"), "psnr_vs_fp"] == "22.000 ± 2.000"
+    assert table.loc[("digits", "orbit", "w4a4"), "runs"] == 3
+    assert table.loc[("digits", "rtn", "w4a4"), "psnr_vs_fp"] == "15.000 ± 0.000"
+
+
+def test_results_json_is_strict_json_and_summary_prints(tmp_path):
+    _fake_result(tmp_path, "orbit", 0, 21.5)
+    path = next(tmp_path.glob("**/results.json"))
+    text = path.read_text()
+    assert "Infinity" not in text  # strict JSON: non-finite values are written as strings
+    res = json.loads(text)
+    assert res["schema_version"] == 1
+    out = format_summary(res, path)
+    assert "psnr_vs_fp" in out and "21.5000" in out and "inf" in out
+
+
+def test_ci_runs_the_readme_test_command_exactly():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    test_cmd = next(b for b in blocks if "pytest" in b and "pip install" in b).strip()
+    main_cmd = next(b for b in blocks if "run.py" in b and "pip install" in b).strip()
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    assert test_cmd in ci
+    assert main_cmd.endswith("run.py")
+
+
+def test_rundir_guard_leaves_error_marker(tmp_path):
+    run = RunDir(tmp_path / "r")
+    with pytest.raises(RuntimeError):
+        with run.guard():
+            assert (tmp_path / "r/.RUNNING").exists()
+            raise RuntimeError("boom")
+    assert "boom" in (tmp_path / "r/.ERROR").read_text()
+    assert not (tmp_path / "r/.RUNNING").exists() and not run.done()
