@@ -12,6 +12,7 @@ ROLES = (
     "attn.q", "attn.k", "attn.v", "attn.out",          # self-attention
     "ctx.q", "ctx.k", "ctx.v", "ctx.out",              # text/context stream or cross-attention
     "ff.up", "ff.gate", "ff.down",                      # feed-forward
+    "fused.out",                                        # FLUX single block: concat(attn, mlp) -> D
     "ctx.ff.up", "ctx.ff.down",                         # context-stream feed-forward
     "adaln",                                            # modulation linears inside blocks
     "embed",                                            # patch/text/timestep/class embedders

@@ -1,38 +1,32 @@
-"""Role map for diffusers' ``DiTTransformer2DModel`` (shared by the digits model and DiT-XL/2)."""
+"""Role table of diffusers' ``DiTTransformer2DModel`` (shared by the digits model and DiT-XL/2).
+
+DiT gives every block its own timestep MLP (``norm1.emb.timestep_embedder``); like every timestep
+embedder it stays in source precision (role ``embed``). ``norm1.linear`` is the adaLN-zero
+modulation (D -> 6D). ``proj_out_1`` is the final modulation and ``proj_out_2`` the output
+projection (role ``final``).
+"""
 
 from __future__ import annotations
-
-import re
 
 from torch import nn
 
 from ..types import LayerRef
+from .roles import RoleTable
 
-_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_IN_BLOCK_ROLES = {
-    "attn1.to_q": "attn.q",
-    "attn1.to_k": "attn.k",
-    "attn1.to_v": "attn.v",
-    "attn1.to_out.0": "attn.out",
-    "ff.net.0.proj": "ff.up",
-    "ff.net.2": "ff.down",
-    "norm1.linear": "adaln",
-    # DiT gives every block its own timestep MLP; like every timestep embedder it stays in source precision.
-    "norm1.emb.timestep_embedder.linear_1": "embed",
-    "norm1.emb.timestep_embedder.linear_2": "embed",
-}
-_GLOBAL_ROLES = {"proj_out_1": "final", "proj_out_2": "final"}
+_B = r"(?P<stack>transformer_blocks)\.(?P<block>\d+)\."
+DIT_ROLES = RoleTable("dit", (
+    (_B + r"attn1\.to_q", "attn.q"),
+    (_B + r"attn1\.to_k", "attn.k"),
+    (_B + r"attn1\.to_v", "attn.v"),
+    (_B + r"attn1\.to_out\.0", "attn.out"),
+    (_B + r"ff\.net\.0\.proj", "ff.up"),
+    (_B + r"ff\.net\.2", "ff.down"),
+    (_B + r"norm1\.linear", "adaln"),
+    (_B + r"norm1\.emb\.timestep_embedder\.linear_[12]", "embed"),
+    (r"proj_out_[12]", "final"),
+), stacks=("transformer_blocks",))
 
 
 def dit_layer_refs(model: nn.Module) -> list[LayerRef]:
-    """Every ``nn.Linear`` of a diffusers DiT with its role; an unknown linear is an error, not a guess."""
-    refs = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        m = _BLOCK.match(name)
-        role = _IN_BLOCK_ROLES.get(m.group(2)) if m else _GLOBAL_ROLES.get(name)
-        if role is None:
-            raise KeyError(f"DiT adapter has no role for linear {name!r}; add it to orbitquant/adapters/dit_roles.py")
-        refs.append(LayerRef(fqn=name, role=role, block=int(m.group(1)) if m else -1, module=mod))
-    return refs
+    """Every ``nn.Linear`` of a diffusers DiT with its role."""
+    return DIT_ROLES.refs(model)
