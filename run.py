@@ -10,6 +10,7 @@ Results: results/runs/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/result
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def main(cfg: DictConfig) -> None:
         times[stage], t = round(time.perf_counter() - t, 3), time.perf_counter()
 
     with run.guard():
-        pipe = adapter.load(torch_dtype(cfg.dtype), cfg.device)
+        try:
+            pipe = adapter.load(torch_dtype(cfg.dtype), cfg.device)
+        except FileNotFoundError as e:  # missing weights: one line that names the fix, no traceback
+            sys.exit(f"error: {e}")
         lap("load")
 
         def sample(desc: str):

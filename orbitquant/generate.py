@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def save_samples(samples: Samples, out_dir: Path) -> dict[str, str]:
-    """``samples.npz`` (float images in [-1, 1], labels) and ``grid.png`` (column k = class k)."""
+    """``samples.npz`` (float images in [-1, 1], labels) and ``grid.png`` (column k = class k).
+
+    Returns the paths relative to ``out_dir``'s parent (the run directory), so results move with it.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "samples.npz", images=samples.images.numpy(), labels=samples.labels.numpy())
-    grid = save_grid(samples.images, out_dir / "grid.png")
-    return {"samples": str(out_dir / "samples.npz"), "grid": str(grid)}
+    save_grid(samples.images, out_dir / "grid.png")
+    return {name: f"{out_dir.name}/{name}" for name in ("samples.npz", "grid.png")}
 
 
 def load_samples(path: Path) -> Samples:
