@@ -33,7 +33,7 @@ def _compose(overrides: list[str]):
 @pytest.mark.parametrize("eval_", _options("eval"))
 def test_every_config_composes_and_builds(model, quant, eval_):
     cfg = _compose([f"model={model}", f"quant={quant}", f"eval={eval_}", "w_bits=3", "a_bits=6"])
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "quant", "eval")}
     build_adapter(c["model"])
     q = build_quant_config(c["quant"])
     if quant != "fp":
@@ -44,8 +44,10 @@ def test_every_config_composes_and_builds(model, quant, eval_):
 
 def _run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "run.py"), f"results_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache",
-           "progress=false", *args]
+    flags = [a for a in args if a.startswith("-")]  # argparse wants Hydra's flags before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, str(ROOT / "run.py"), *flags, f"results_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache",
+           "progress=false", *overrides]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"run.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")

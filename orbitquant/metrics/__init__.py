@@ -1,6 +1,6 @@
 """Metrics; importing this package registers them."""
 
-from . import digits  # noqa: F401
+from . import digits, similarity  # noqa: F401
 from .base import Metric
 from .digits import DigitsContext
 

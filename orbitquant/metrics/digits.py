@@ -1,7 +1,7 @@
 """Metrics of the ``eval=digits`` protocol, on the shipped digit classifier (``digits_net``).
 
 Fidelity to the fp model under shared noise (primary: they rank quantizers on a model this small):
-``psnr_vs_fp``, ``ssim_vs_fp``, ``fid_vs_fp``. Realism checks: ``fid_vs_real`` (all 1797 digits),
+``psnr_vs_fp`` and ``ssim_vs_fp`` (generic, in ``similarity.py``) and ``fid_vs_fp``. Realism checks: ``fid_vs_real`` (all 1797 digits),
 ``class_acc`` (the classifier agrees with the requested class), ``inception_score`` (its analogue on
 the classifier's softmax). torchmetrics does the arithmetic; the feature network is ours.
 """
@@ -15,10 +15,8 @@ import torch
 from ..registry import register_metric
 from ..types import MetricResult, Samples
 from .base import Metric
+from .similarity import paired as _paired
 from .digits_net import DigitFeatures, DigitLogits, load_classifier
-
-DATA_RANGE = 2.0  # images live in [-1, 1]
-
 
 class DigitsContext:
     """Lazily loaded classifier and real-data features shared by the digits metrics."""
@@ -34,14 +32,6 @@ class DigitsContext:
         return load_digits_tensor()[0]
 
 
-def _paired(samples: Samples, reference: Samples) -> tuple[torch.Tensor, torch.Tensor]:
-    if reference is None:
-        raise ValueError("this metric compares with the fp reference samples, but none were given")
-    if samples.images.shape != reference.images.shape or not torch.equal(samples.labels, reference.labels):
-        raise ValueError("samples and fp reference differ in shape or labels; they must come from the same protocol")
-    return samples.images.float(), reference.images.float()
-
-
 def _fid(ctx: DigitsContext, a: torch.Tensor, b: torch.Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -54,35 +44,6 @@ def _fid(ctx: DigitsContext, a: torch.Tensor, b: torch.Tensor) -> float:
 
 class DigitsMetric(Metric):
     context_cls = DigitsContext
-
-
-@register_metric("psnr_vs_fp")
-class PSNRvsFP(DigitsMetric):
-    """Mean per-sample PSNR (dB, peak-to-peak 2) against the fp sample with the same noise and class."""
-
-    name, higher_is_better, needs_reference = "psnr_vs_fp", True, True
-
-    def compute(self, samples, reference, ctx) -> MetricResult:
-        from torchmetrics.functional.image import peak_signal_noise_ratio
-
-        a, b = _paired(samples, reference)
-        per = peak_signal_noise_ratio(a, b, data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")
-        return self.result(per.mean(), len(a), std=per.std().item() if torch.isfinite(per).all() else 0.0)
-
-
-@register_metric("ssim_vs_fp")
-class SSIMvsFP(DigitsMetric):
-    """Mean per-sample SSIM against the fp sample (3x3 Gaussian window, sigma 0.5: the images are 8x8)."""
-
-    name, higher_is_better, needs_reference = "ssim_vs_fp", True, True
-
-    def compute(self, samples, reference, ctx) -> MetricResult:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
-        a, b = _paired(samples, reference)
-        per = structural_similarity_index_measure(a, b, data_range=DATA_RANGE, kernel_size=3, sigma=0.5,
-                                                  reduction="none")
-        return self.result(per.mean(), len(a), std=per.std().item())
 
 
 @register_metric("fid_vs_fp")

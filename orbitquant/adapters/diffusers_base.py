@@ -1,0 +1,92 @@
+"""Shared plumbing of adapters around real diffusers pipelines (text-to-image and text-to-video).
+
+Subclasses provide the family's role table, pipeline class, default repo id, per-call keyword
+arguments, and a ``build_tiny`` recipe; this class does loading (local path or HF cache, optional
+CPU offload), sampling with per-sample seeded generators, and the probe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..types import LayerRef, Samples
+from .base import ModelAdapter
+from .hf import resolve_checkpoint
+from .roles import RoleTable
+
+
+class DiffusersAdapter(ModelAdapter):
+    roles: ClassVar[RoleTable]
+    pipeline_cls: ClassVar[str]
+    default_repo: ClassVar[str]
+    #: keyword arguments every pipeline call gets (e.g. max_sequence_length)
+    call_kwargs: ClassVar[dict[str, Any]] = {}
+    tiny_call_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, name: str, repo_id: str | None = None, path: str | None = None, download: bool = False,
+                 cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0) -> None:
+        self.name = name
+        self.repo_id = repo_id or self.default_repo
+        self.path, self.download, self.cpu_offload = path, download, cpu_offload
+        self.tiny, self.tiny_seed = tiny, tiny_seed
+
+    # ------------------------------------------------------------------ loading
+    def load(self, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
+        if self.tiny and not self.path:
+            pipe = self.build_tiny(self.tiny_seed).to(dtype=dtype)
+        else:
+            import diffusers
+
+            src = resolve_checkpoint(self.name, self.repo_id, self.path, self.download)
+            pipe = getattr(diffusers, self.pipeline_cls).from_pretrained(src, torch_dtype=dtype)
+        if self.cpu_offload and device.startswith("cuda"):
+            pipe.enable_model_cpu_offload()  # keeps only the running component on the GPU
+        else:
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def fingerprint(self) -> str:
+        return f"tiny-{self.tiny_seed}" if self.tiny and not self.path else str(self.path or self.repo_id)
+
+    def _call_kwargs(self, pipe) -> dict[str, Any]:
+        return dict(self.tiny_call_kwargs if self.tiny and not self.path else self.call_kwargs)
+
+    def denoiser(self, pipe) -> nn.Module:
+        return pipe.transformer
+
+    def layers(self, denoiser: nn.Module) -> list[LayerRef]:
+        return self.roles.refs(denoiser)
+
+    # ------------------------------------------------------------------ sampling
+    def _output(self, out) -> torch.Tensor:
+        """Pipeline output -> (N, C, H, W) images in [-1, 1] (videos: (N, F, C, H, W))."""
+        return out.images.float().cpu() * 2 - 1
+
+    def generate(self, pipe, *, prompts: list[str], n_per_prompt: int = 1, steps: int, guidance: float,
+                 height: int, width: int, batch_size: int, seed: int, progress: bool = True,
+                 desc: str = "sampling", **extra: Any) -> Samples:
+        """Images for every prompt; sample k's noise comes from its own generator seeded by (seed, k)."""
+        items = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
+        chunks = []
+        with tqdm(total=len(items), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
+            for start in range(0, len(items), batch_size):
+                part = items[start:start + batch_size]
+                gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + k) for k in range(len(part))]
+                out = pipe([p for _, p in part], num_inference_steps=steps, guidance_scale=guidance, height=height,
+                           width=width, generator=gens, output_type="pt", **self._call_kwargs(pipe), **extra)
+                chunks.append(self._output(out))
+                bar.update(len(part))
+        labels = torch.tensor([i for i, _ in items])
+        return Samples(images=torch.cat(chunks), labels=labels,
+                       meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed})
+
+    def probe(self, pipe) -> None:
+        """One denoising step on one prompt at a small resolution."""
+        g = torch.Generator().manual_seed(1234)
+        pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=0.0, height=64 if self.tiny else 256,
+             width=64 if self.tiny else 256, generator=[g], output_type="latent", **self._call_kwargs(pipe))

@@ -1,0 +1,56 @@
+"""Tiny, offline text stacks for random-init test pipelines: tokenizers built in memory, encoders from config.
+
+transformers 5.x ignores ``vocab_file=`` / ``merges_file=`` for some tokenizers (garbage ids), so the
+vocabularies are passed as in-memory objects. Numbers produced with these encoders mean nothing; they
+exist to exercise the real pipeline code paths on CPU.
+"""
+
+from __future__ import annotations
+
+import string
+
+WORDS = ("a photo of the cat dog red blue green car tree house on in with small big sky sea "
+         "person bird flower city night day painting").split()
+
+
+def clip_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in WORDS:
+        vocab.setdefault(w + "</w>", len(vocab))
+    for ch in string.ascii_lowercase + string.digits + string.punctuation:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 512):
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    pieces += [(ch, -5.0) for ch in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def clip_text_model(tok, hidden: int = 32, seed: int = 0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return CLIPTextModel(cfg).eval()
+
+
+def t5_encoder(tok, d_model: int = 32, seed: int = 0, umt5: bool = False):
+    import torch
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    cfg = cfg_cls(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
+                  relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  decoder_start_token_id=tok.pad_token_id)
+    return model_cls(cfg).eval()
