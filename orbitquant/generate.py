@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from .types import Samples
-from .viz import save_grid
+from .viz import save_gif, save_grid
 
 log = logging.getLogger(__name__)
+MAX_VIDEO_FILES = 8  # animated previews written per run (all frames are in samples.npz)
 
 
 def save_samples(samples: Samples, out_dir: Path) -> dict[str, str]:
@@ -23,8 +24,13 @@ def save_samples(samples: Samples, out_dir: Path) -> dict[str, str]:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "samples.npz", images=samples.images.numpy(), labels=samples.labels.numpy())
-    save_grid(samples.images, out_dir / "grid.png")
-    return {name: f"{out_dir.name}/{name}" for name in ("samples.npz", "grid.png")}
+    video = samples.images.ndim == 5
+    save_grid(samples.images[:, 0] if video else samples.images, out_dir / "grid.png")  # videos: first frames
+    files = {name: f"{out_dir.name}/{name}" for name in ("samples.npz", "grid.png")}
+    if video:
+        for i, clip in enumerate(samples.images[:MAX_VIDEO_FILES]):
+            files[f"video_{i:03d}"] = f"{out_dir.name}/{save_gif(clip, out_dir / f'{i:06d}.gif').name}"
+    return files
 
 
 def load_samples(path: Path) -> Samples:

@@ -34,3 +34,14 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, scale: int
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(path)
     return path
+
+
+def save_gif(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
+    """(F, C, H, W) frames in [-1, 1] -> an animated GIF (Pillow only; no ffmpeg needed)."""
+    from PIL import Image
+
+    arr = to_uint8(frames)
+    imgs = [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arr]
+    path = Path(path)
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    return path

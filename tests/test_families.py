@@ -12,7 +12,11 @@ from orbitquant.registry import MODELS
 
 from test_run import _run
 
-TINY = {"flux": "tiny_flux"}  # adapter -> tiny model config
+# adapter -> (tiny model config, eval protocol, sampling kwargs)
+TINY = {
+    "flux": ("tiny_flux", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
+    "wan": ("tiny_wan", "t2v_smoke", dict(guidance=5.0, height=16, width=16, num_frames=5)),
+}
 
 
 @pytest.mark.parametrize("adapter_name", sorted(TINY))
@@ -21,8 +25,7 @@ def test_save_pretrained_then_load_from_path_matches(adapter_name, tmp_path):
     pipe = cls(tiny=True).load(torch.float32)
     pipe.save_pretrained(tmp_path / "ckpt")
     loaded = cls(path=str(tmp_path / "ckpt")).load(torch.float32)
-    proto = dict(prompts=["a photo of a cat"], steps=2, guidance=0.0, height=32, width=32, batch_size=1, seed=0,
-                 progress=False)
+    proto = dict(prompts=["a photo of a cat"], steps=2, batch_size=1, seed=0, progress=False, **TINY[adapter_name][2])
     a = cls(tiny=True).generate(pipe, **proto)
     # a path-loaded tiny pipeline uses the real-checkpoint call kwargs; pin them to the tiny ones here
     b = cls(tiny=True, path=None).generate(loaded, **proto)
@@ -37,14 +40,16 @@ def test_quantized_tiny_pipeline_generates_finite_images(adapter_name):
     den = adapter.denoiser(pipe)
     report = oq.quantize_(den, oq.OrbitConfig(w_bits=4, a_bits=4), adapter.layers(den), probe=lambda: adapter.probe(pipe))
     assert report.probe == "model" and report.summary()["mean_rel_err"] < 0.5
-    s = adapter.generate(pipe, prompts=["a red car"], steps=2, guidance=0.0, height=32, width=32, batch_size=1,
-                         seed=0, progress=False)
-    assert torch.isfinite(s.images).all() and s.images.shape[1:] == (3, 32, 32)
+    kw = TINY[adapter_name][2]
+    s = adapter.generate(pipe, prompts=["a red car"], steps=2, batch_size=1, seed=0, progress=False, **kw)
+    assert torch.isfinite(s.images).all() and s.images.shape[-3:] == (3, kw["height"], kw["width"])
+    if "num_frames" in kw:
+        assert s.images.shape[1] == kw["num_frames"]
 
 
-@pytest.mark.parametrize("model", sorted(TINY.values()))
-def test_run_every_method_on_tiny_family(model, tmp_path):
-    _run(["-m", f"model={model}", "quant=fp,rtn,orbit", "eval=t2i_smoke", "dtype=float32", "w_bits=4", "a_bits=8"],
+@pytest.mark.parametrize("model, eval_", sorted((m, e) for m, e, _ in TINY.values()))
+def test_run_every_method_on_tiny_family(model, eval_, tmp_path):
+    _run(["-m", f"model={model}", "quant=fp,rtn,orbit", f"eval={eval_}", "dtype=float32", "w_bits=4", "a_bits=8"],
          tmp_path)
     found = sorted(p.relative_to(tmp_path / "runs").parts[1] for p in (tmp_path / "runs").glob("**/results.json"))
     assert found == ["fp", "orbit", "rtn"]

@@ -26,6 +26,9 @@ class DiffusersAdapter(ModelAdapter):
     #: keyword arguments every pipeline call gets (e.g. max_sequence_length)
     call_kwargs: ClassVar[dict[str, Any]] = {}
     tiny_call_kwargs: ClassVar[dict[str, Any]] = {}
+    #: extra arguments of the one-step probe call (e.g. a few frames for video models)
+    probe_kwargs: ClassVar[dict[str, Any]] = {"height": 256, "width": 256}
+    tiny_probe_kwargs: ClassVar[dict[str, Any]] = {"height": 64, "width": 64}
 
     def __init__(self, name: str, repo_id: str | None = None, path: str | None = None, download: bool = False,
                  cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0) -> None:
@@ -88,5 +91,6 @@ class DiffusersAdapter(ModelAdapter):
     def probe(self, pipe) -> None:
         """One denoising step on one prompt at a small resolution."""
         g = torch.Generator().manual_seed(1234)
-        pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=0.0, height=64 if self.tiny else 256,
-             width=64 if self.tiny else 256, generator=[g], output_type="latent", **self._call_kwargs(pipe))
+        size = self.tiny_probe_kwargs if self.tiny and not self.path else self.probe_kwargs
+        pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=0.0, generator=[g], output_type="latent",
+             **size, **self._call_kwargs(pipe))

@@ -19,6 +19,11 @@ def paired(samples: Samples, reference: Samples) -> tuple[torch.Tensor, torch.Te
     return samples.images.float(), reference.images.float()
 
 
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(N, F, C, H, W) videos -> (N * F, C, H, W) frames; images pass through."""
+    return x.flatten(0, 1) if x.ndim == 5 else x
+
+
 @register_metric("psnr_vs_fp")
 class PSNRvsFP(Metric):
     """Mean per-sample PSNR (dB, peak-to-peak 2) against the fp sample with the same noise and class."""
@@ -29,13 +34,13 @@ class PSNRvsFP(Metric):
         from torchmetrics.functional.image import peak_signal_noise_ratio
 
         a, b = paired(samples, reference)
-        per = peak_signal_noise_ratio(a, b, data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")
+        per = peak_signal_noise_ratio(a, b, data_range=DATA_RANGE, dim=tuple(range(1, a.ndim)), reduction="none")
         return self.result(per.mean(), len(a), std=per.std().item() if torch.isfinite(per).all() else 0.0)
 
 
 @register_metric("ssim_vs_fp")
 class SSIMvsFP(Metric):
-    """Mean per-sample SSIM against the fp sample (3x3 Gaussian window, sigma 0.5, so 8x8 digits work too)."""
+    """Mean per-sample SSIM (videos: mean over frames) against the fp sample (3x3 Gaussian window, sigma 0.5, so 8x8 digits work too)."""
 
     name, higher_is_better, needs_reference = "ssim_vs_fp", True, True
 
@@ -43,6 +48,6 @@ class SSIMvsFP(Metric):
         from torchmetrics.functional.image import structural_similarity_index_measure
 
         a, b = paired(samples, reference)
-        per = structural_similarity_index_measure(a, b, data_range=DATA_RANGE, kernel_size=3, sigma=0.5,
-                                                  reduction="none")
+        per = structural_similarity_index_measure(_frames(a), _frames(b), data_range=DATA_RANGE, kernel_size=3,
+                                                  sigma=0.5, reduction="none").view(len(a), -1).mean(1)
         return self.result(per.mean(), len(a), std=per.std().item())

@@ -1,0 +1,46 @@
+"""Wan 2.1 text-to-video (1.3B, 14B): ``WanPipeline``; roles in ``family_roles.WAN_ROLES``.
+
+Wan has no per-block modulation linear (a ``scale_shift_table`` parameter per block plus the shared
+``condition_embedder.time_proj``), so every block linear gets the method and nothing gets INT4 adaLN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import register_model
+from .diffusers_base import DiffusersAdapter
+from .family_roles import WAN_ROLES
+from .tiny_text import t5_encoder, t5_tokenizer
+
+
+@register_model("wan")
+class WanAdapter(DiffusersAdapter):
+    modality = "video"
+    roles = WAN_ROLES
+    pipeline_cls = "WanPipeline"
+    default_repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    call_kwargs = {"max_sequence_length": 512}
+    tiny_call_kwargs = {"max_sequence_length": 16}
+    probe_kwargs = {"height": 240, "width": 416, "num_frames": 5}
+    tiny_probe_kwargs = {"height": 16, "width": 16, "num_frames": 5}
+
+    def __init__(self, name: str = "wan21", **kw) -> None:
+        super().__init__(name, **kw)
+
+    def _output(self, out) -> torch.Tensor:
+        return out.frames.float().cpu() * 2 - 1  # (N, F, C, H, W)
+
+    def build_tiny(self, seed: int = 0):
+        """A random-init WanPipeline (2 blocks, hidden 24, tiny UMT5 and Wan VAE); CPU, no hub."""
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+        tok = t5_tokenizer()
+        return WanPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, seed=seed, umt5=True), transformer=transformer.eval(),
+                           vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
