@@ -1,0 +1,49 @@
+"""CogVideoX text-to-video (2B, 5B): ``CogVideoXPipeline``; roles in ``family_roles.COGVIDEOX_ROLES``.
+
+Joint attention over concatenated text+video tokens (one ``attn1``); two adaLN linears per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import register_model
+from .diffusers_base import DiffusersAdapter
+from .family_roles import COGVIDEOX_ROLES
+from .tiny_text import t5_encoder, t5_tokenizer
+
+
+@register_model("cogvideox")
+class CogVideoXAdapter(DiffusersAdapter):
+    modality = "video"
+    roles = COGVIDEOX_ROLES
+    pipeline_cls = "CogVideoXPipeline"
+    default_repo = "THUDM/CogVideoX-2b"
+    call_kwargs = {"max_sequence_length": 226}
+    tiny_call_kwargs = {"max_sequence_length": 16}
+    probe_kwargs = {"height": 240, "width": 360, "num_frames": 9}
+    tiny_probe_kwargs = {"height": 16, "width": 16, "num_frames": 9}
+
+    def __init__(self, name: str = "cogvideox_2b", **kw) -> None:
+        super().__init__(name, **kw)
+
+    def _output(self, out) -> torch.Tensor:
+        return out.frames.float().cpu() * 2 - 1  # (N, F, C, H, W)
+
+    def build_tiny(self, seed: int = 0):
+        """A random-init CogVideoXPipeline (2 blocks, hidden 32, tiny T5 and 3-D VAE); CPU, no hub."""
+        from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                               CogVideoXTransformer3DModel)
+
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+            text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16)
+        vae = AutoencoderKLCogVideoX(
+            down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+            temporal_compression_ratio=4)
+        tok = t5_tokenizer()
+        return CogVideoXPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, seed=seed), vae=vae,
+                                 transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
