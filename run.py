@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> None:
         ref_scores = {m.name: m.compute(reference, reference, ctx.get(m.context_cls)).to_dict() for m in metrics}
         lap("metrics")
         results = {"config": c, "metrics": scores, "reference_metrics": ref_scores,
-                   "quant_report": report.to_dict(), "timing": times, "files": files,
+                   "quant_report": report.to_dict(), "sampling": samples.meta, "timing": times, "files": files,
                    "provenance": provenance(cfg.device)}
         run.write_results(results)
     print(format_summary(results, run.results_path))

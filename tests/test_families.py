@@ -17,6 +17,7 @@ TINY = {
     "flux": ("tiny_flux", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
     "wan": ("tiny_wan", "t2v_smoke", dict(guidance=5.0, height=16, width=16, num_frames=5)),
     "cogvideox": ("tiny_cogvideox", "t2v_smoke", dict(guidance=6.0, height=16, width=16, num_frames=9)),
+    "zimage": ("tiny_zimage", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
 }
 
 

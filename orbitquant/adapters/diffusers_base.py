@@ -75,8 +75,10 @@ class DiffusersAdapter(ModelAdapter):
                  desc: str = "sampling", **extra: Any) -> Samples:
         """Images for every prompt; sample k's noise comes from its own generator seeded by (seed, k)."""
         items = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
-        chunks = []
-        with tqdm(total=len(items), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
+        chunks, calls = [], [0]
+        # count denoiser forwards: the real cost of a protocol (CFG doubles it, Turbo models may differ from steps)
+        hook = self.denoiser(pipe).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        with hook, tqdm(total=len(items), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
             for start in range(0, len(items), batch_size):
                 part = items[start:start + batch_size]
                 gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + k) for k in range(len(part))]
@@ -86,7 +88,8 @@ class DiffusersAdapter(ModelAdapter):
                 bar.update(len(part))
         labels = torch.tensor([i for i, _ in items])
         return Samples(images=torch.cat(chunks), labels=labels,
-                       meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed})
+                       meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed,
+                             "denoiser_forwards": calls[0]})
 
     def probe(self, pipe) -> None:
         """One denoising step on one prompt at a small resolution."""

@@ -54,3 +54,30 @@ def t5_encoder(tok, d_model: int = 32, seed: int = 0, umt5: bool = False):
                   relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                   decoder_start_token_id=tok.pad_token_id)
     return model_cls(cfg).eval()
+
+
+def chat_tokenizer(max_length: int = 64):
+    """A word-level fast tokenizer with a minimal chat template (stands in for Qwen's in Z-Image tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for w in WORDS + ["user", "assistant"]:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", model_max_length=max_length)
+    tok.chat_template = "{% for m in messages %}<bos> {{ m['content'] }} <eos>{% endfor %}"
+    return tok
+
+
+def qwen3_model(tok, hidden: int = 16, seed: int = 0):
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return Qwen3Model(cfg).eval()
