@@ -18,6 +18,7 @@ TINY = {
     "wan": ("tiny_wan", "t2v_smoke", dict(guidance=5.0, height=16, width=16, num_frames=5)),
     "cogvideox": ("tiny_cogvideox", "t2v_smoke", dict(guidance=6.0, height=16, width=16, num_frames=9)),
     "zimage": ("tiny_zimage", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
+    "dit": ("tiny_dit", "c2i_smoke", dict(guidance=1.5)),
 }
 
 
@@ -27,7 +28,8 @@ def test_save_pretrained_then_load_from_path_matches(adapter_name, tmp_path):
     pipe = cls(tiny=True).load(torch.float32)
     pipe.save_pretrained(tmp_path / "ckpt")
     loaded = cls(path=str(tmp_path / "ckpt")).load(torch.float32)
-    proto = dict(prompts=["a photo of a cat"], steps=2, batch_size=1, seed=0, progress=False, **TINY[adapter_name][2])
+    cond = dict(classes=[1]) if adapter_name == "dit" else dict(prompts=["a photo of a cat"])
+    proto = dict(steps=2, batch_size=1, seed=0, progress=False, **cond, **TINY[adapter_name][2])
     a = cls(tiny=True).generate(pipe, **proto)
     # a path-loaded tiny pipeline uses the real-checkpoint call kwargs; pin them to the tiny ones here
     b = cls(tiny=True, path=None).generate(loaded, **proto)
@@ -43,8 +45,11 @@ def test_quantized_tiny_pipeline_generates_finite_images(adapter_name):
     report = oq.quantize_(den, oq.OrbitConfig(w_bits=4, a_bits=4), adapter.layers(den), probe=lambda: adapter.probe(pipe))
     assert report.probe == "model" and report.summary()["mean_rel_err"] < 0.5
     kw = TINY[adapter_name][2]
-    s = adapter.generate(pipe, prompts=["a red car"], steps=2, batch_size=1, seed=0, progress=False, **kw)
-    assert torch.isfinite(s.images).all() and s.images.shape[-3:] == (3, kw["height"], kw["width"])
+    cond = dict(classes=[3]) if adapter_name == "dit" else dict(prompts=["a red car"])
+    s = adapter.generate(pipe, steps=2, batch_size=1, seed=0, progress=False, **cond, **kw)
+    assert torch.isfinite(s.images).all() and s.images.shape[-3] == 3
+    if "height" in kw:
+        assert s.images.shape[-2:] == (kw["height"], kw["width"])
     if "num_frames" in kw:
         assert s.images.shape[1] == kw["num_frames"]
 

@@ -30,7 +30,7 @@ def _compose(overrides: list[str]):
 
 @pytest.mark.parametrize("model", _options("model"))
 @pytest.mark.parametrize("quant", _options("quant"))
-@pytest.mark.parametrize("eval_", _options("eval"))
+@pytest.mark.parametrize("eval_", ["digits"])
 def test_every_config_composes_and_builds(model, quant, eval_):
     cfg = _compose([f"model={model}", f"quant={quant}", f"eval={eval_}", "w_bits=3", "a_bits=6"])
     c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "quant", "eval")}
@@ -40,6 +40,12 @@ def test_every_config_composes_and_builds(model, quant, eval_):
         assert (q.w_bits, q.a_bits) == (3, 6)
     assert build_metrics(c["eval"]["metrics"])
     assert cfg.hydra.run.dir.endswith(f"q0-s0")
+
+
+@pytest.mark.parametrize("eval_", _options("eval"))
+def test_every_eval_composes_and_its_metrics_exist(eval_):
+    cfg = _compose([f"eval={eval_}"])
+    assert build_metrics(list(cfg.eval.metrics)) and cfg.eval.protocol
 
 
 def _run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
