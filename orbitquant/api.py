@@ -43,6 +43,7 @@ class QuantReport:
     layers: list[LayerRecord] = field(default_factory=list)
     seconds: float = 0.0
     probe: str = "none"  # "model" (adapter probe batch) | "gaussian" | "none"
+    peak_memory: dict = field(default_factory=dict)  # bytes: process max RSS so far; CUDA max allocated in quantize_
 
     def by_role(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -74,6 +75,7 @@ class QuantReport:
             "max_rel_err": max(errs) if errs else None,
             "probe": self.probe,
             "seconds": round(self.seconds, 3),
+            "peak_memory": self.peak_memory,
         }
 
     def to_dict(self) -> dict:
@@ -162,6 +164,8 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (e.g. OrbitConfig, RTNConfig), got {type(config).__name__}")
     t0 = time.perf_counter()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     if layers is None:
         if any(isinstance(m, QuantLinear) for m in model.modules()):
             raise ValueError("model already contains QuantLinear layers; quantize a fresh copy")
@@ -218,4 +222,18 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
             m.to("meta")  # free the replaced weights now, even if the caller still holds ``layers``
         report.layers.append(rec)
     report.seconds = time.perf_counter() - t0
+    report.peak_memory = _peak_memory()
     return report
+
+
+def _peak_memory() -> dict:
+    out = {}
+    try:
+        import resource
+
+        out["cpu_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    except ImportError:  # not on POSIX
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
