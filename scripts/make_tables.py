@@ -34,7 +34,7 @@ def main() -> None:
     table = mean_std_table(df, args.metrics, by=("model", "method", "tag"), decimals=args.decimals)
     arrows = {m: ("↑" if hib else "↓") for m, hib in df.groupby("metric")["higher_is_better"].first().items()}
     table = table.rename(columns={m: f"{m} {arrows[m]}" for m in table.columns if m in arrows})
-    md = table.to_markdown()
+    md = table.reset_index().to_markdown(index=False)
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def test_every_config_composes_and_builds(model, quant, eval_):
     if quant != "fp":
         assert (q.w_bits, q.a_bits) == (3, 6)
     assert build_metrics(c["eval"]["metrics"])
-    assert cfg.hydra.run.dir.endswith(f"q0-s0")
+    assert cfg.hydra.run.dir.endswith("q0-s0")
 
 
 @pytest.mark.parametrize("eval_", _options("eval"))

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from ..registry import register_metric
-from ..types import MetricResult, Samples
+from ..types import MetricResult
 from .base import Metric
 from .similarity import paired as _paired
 from .digits_net import DigitFeatures, DigitLogits, load_classifier
