@@ -37,9 +37,12 @@ def main(cfg: DictConfig) -> None:
         log.info("results exist, skipping (overwrite=true to redo): %s", run.results_path)
         return
     c = OmegaConf.to_container(cfg, resolve=True)
-    # build (and so validate) everything before any heavy work
-    adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
-    metrics, protocol = build_metrics(c["eval"]["metrics"]), c["eval"]["protocol"]
+    try:  # build (and so validate) everything before any heavy work; bad config -> one line, no traceback
+        adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
+        metrics, protocol = build_metrics(c["eval"]["metrics"]), c["eval"]["protocol"]
+        adapter.check_protocol(protocol, c["eval"]["name"])
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"config error: {e}")
     torch.set_num_threads(cfg.threads)
     times: dict[str, float] = {}
     t = time.perf_counter()

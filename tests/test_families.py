@@ -70,3 +70,22 @@ def test_missing_real_checkpoint_exits_with_one_line(tmp_path):
              check=False)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "black-forest-labs/FLUX.1-schnell" in p.stderr
+
+
+PAPER_EVALS = {"flux1_schnell": "flux_schnell_fidelity", "flux1_dev": "flux_dev_fidelity",
+               "zimage_turbo": "zimage_turbo_fidelity", "wan21": "wan21_fidelity", "wan21_14b": "wan21_fidelity",
+               "cogvideox_2b": "cogvideox_fidelity", "cogvideox_5b": "cogvideox_fidelity", "dit_xl_2": "dit_fidelity"}
+
+
+@pytest.mark.parametrize("model, eval_", sorted(PAPER_EVALS.items()))
+def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
+    from test_run import _compose
+
+    from orbitquant.factory import build_adapter
+    from omegaconf import OmegaConf
+
+    cfg = _compose([f"model={model}", f"eval={eval_}"])
+    adapter = build_adapter(OmegaConf.to_container(cfg.model, resolve=True))
+    adapter.check_protocol(OmegaConf.to_container(cfg.eval.protocol), eval_)
+    with pytest.raises(ValueError, match="does not fit"):
+        adapter.check_protocol(OmegaConf.to_container(_compose(["eval=digits"]).eval.protocol), "digits")

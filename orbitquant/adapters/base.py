@@ -41,6 +41,24 @@ class ModelAdapter(ABC):
     def generate(self, pipe: Any, **protocol: Any) -> Samples:
         """Deterministic samples for an evaluation protocol."""
 
+    def check_protocol(self, protocol: dict, eval_name: str = "") -> None:
+        """Fail early, with the fix, when an eval protocol does not fit this model's ``generate``."""
+        import inspect
+
+        params = inspect.signature(self.generate).parameters
+        fixed = {"pipe", "seed", "progress", "desc"}
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        required = {n for n, p in params.items() if p.default is p.empty and n not in fixed
+                    and p.kind is p.KEYWORD_ONLY}
+        unknown = set() if accepts_any else set(protocol) - set(params)
+        missing = required - set(protocol)
+        if missing or unknown:
+            raise ValueError(
+                f"eval={eval_name} does not fit model={self.name} ({self.modality}): "
+                + (f"missing {sorted(missing)} " if missing else "")
+                + (f"unexpected {sorted(unknown)} " if unknown else "")
+                + "- pick an eval protocol made for this model family (conf/eval/)")
+
     def fingerprint(self) -> str:
         """Identifies the loaded weights (keys caches of fp reference samples)."""
         return ""
