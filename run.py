@@ -10,6 +10,7 @@ Results: results/runs/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/result
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,7 @@ def main(cfg: DictConfig) -> None:
                    "quant_report": report.to_dict(), "sampling": samples.meta, "timing": times, "files": files,
                    "provenance": provenance(cfg.device)}
         run.write_results(results)
-    print(format_summary(results, run.results_path))
+    print(format_summary(results, Path(os.path.relpath(run.results_path))))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ class DigitsInceptionScore(DigitsMetric):
         from torchmetrics.image.inception import InceptionScore
 
         metric = InceptionScore(feature=DigitLogits(ctx.net), splits=5)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)  # torchmetrics shuffles into splits with the global RNG; keep the metric deterministic
             metric.update(samples.images.float())
             mean, std = metric.compute()
         return self.result(mean, len(samples), split_std=float(std))
