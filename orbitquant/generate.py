@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .types import Samples
-from .viz import save_gif, save_grid
+from .viz import save_gif, save_grid, save_mp4
 
 log = logging.getLogger(__name__)
 MAX_VIDEO_FILES = 8  # animated previews written per run (all frames are in samples.npz)
@@ -29,7 +29,10 @@ def save_samples(samples: Samples, out_dir: Path) -> dict[str, str]:
     files = {name: f"{out_dir.name}/{name}" for name in ("samples.npz", "grid.png")}
     if video:
         for i, clip in enumerate(samples.images[:MAX_VIDEO_FILES]):
-            files[f"video_{i:03d}"] = f"{out_dir.name}/{save_gif(clip, out_dir / f'{i:06d}.gif').name}"
+            files[f"gif_{i:03d}"] = f"{out_dir.name}/{save_gif(clip, out_dir / f'{i:06d}.gif').name}"
+            mp4 = save_mp4(clip, out_dir / f"{i:06d}.mp4")
+            if mp4 is not None:
+                files[f"mp4_{i:03d}"] = f"{out_dir.name}/{mp4.name}"
     return files
 
 

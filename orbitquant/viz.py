@@ -45,3 +45,15 @@ def save_gif(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
     path = Path(path)
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
     return path
+
+
+def save_mp4(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path | None:
+    """(F, C, H, W) frames in [-1, 1] -> H.264 mp4 via diffusers' exporter (needs the ``[video]`` extra:
+    imageio + imageio-ffmpeg, whose wheel carries ffmpeg). Returns None when they are not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio") is None or importlib.util.find_spec("imageio_ffmpeg") is None:
+        return None
+    from diffusers.utils import export_to_video
+
+    return Path(export_to_video(list(to_uint8(frames)), str(path), fps=fps, macro_block_size=1))
