@@ -59,7 +59,7 @@ class Registry(Generic[T]):
         return sorted(self._entries.items())
 
 
-METHODS: Registry[Any] = Registry("method", ("orbitquant.methods",))
+METHODS: Registry[Any] = Registry("method", ("orbitquant.methods", "baselines"))
 MODELS: Registry[Any] = Registry("model", ("orbitquant.adapters",))
 METRICS: Registry[Any] = Registry("metric", ("orbitquant.metrics",))
 

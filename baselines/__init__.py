@@ -1,0 +1,6 @@
+"""Baselines: the same Quantizer protocol as ``orbitquant.methods``, with an UPSTREAM.md per method.
+
+Importing this package registers them (``orbitquant.registry.METHODS`` imports it lazily).
+"""
+
+from . import hadamard_rtn  # noqa: F401

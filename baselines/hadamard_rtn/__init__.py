@@ -1,0 +1,61 @@
+"""``hadamard_rtn``: QuaRot-style data-free control (BASELINES_SPEC section 8.6).
+
+The same RPBH rotation as OrbitQuant (one draw per input dim and seed, folded into the weights,
+applied online to activations), followed by uniform round-to-nearest: symmetric per-output-channel
+weights and symmetric per-token dynamic activations. Identical rotation, different scalar quantizer:
+the comparison with ``orbit`` isolates the Lloyd-Max codebook (and the norm/unit-vector split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from orbitquant.config import QuantConfig
+from orbitquant.methods.base import Quantizer
+from orbitquant.nn import DenseWeight, NoActQuant, QuantLinear, UniformActQuant, UniformWeight
+from orbitquant.registry import register_method
+from orbitquant.rotation import ROTATIONS, Rotation, make_rotation
+from orbitquant.types import LayerRef
+
+
+@dataclass(frozen=True)
+class HadamardRTNConfig(QuantConfig):
+    """Rotation (``rpbh`` like orbit, or ``hadamard`` / ``haar``) + symmetric RTN, no calibration."""
+
+    method: ClassVar[str] = "hadamard_rtn"
+    seed: int = 0
+    rotation: str = "rpbh"
+    w_symmetric: bool = True
+    a_symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; valid: {', '.join(ROTATIONS)}")
+        for bits, sym, what in ((self.w_bits, self.w_symmetric, "w"), (self.a_bits, self.a_symmetric, "a")):
+            if sym and bits == 1:
+                raise ValueError(f"{what}_bits=1 needs {what}_symmetric=false (symmetric RTN needs >= 2 bits)")
+
+
+@register_method("hadamard_rtn")
+class HadamardRTNQuantizer(Quantizer):
+    config_cls = HadamardRTNConfig
+
+    def __init__(self, config: HadamardRTNConfig) -> None:
+        super().__init__(config)
+        self._rotations: dict[int, Rotation] = {}
+
+    def quantize_layer(self, ref: LayerRef) -> QuantLinear:
+        c: HadamardRTNConfig = self.config
+        m = ref.module
+        d = m.in_features
+        if d not in self._rotations:  # same seeded draw per (d, seed) as orbit
+            self._rotations[d] = make_rotation(c.rotation, d, c.seed)
+        rot = self._rotations[d].to(m.weight.device)
+        w_rot = rot(m.weight.detach())
+        store = (DenseWeight(w_rot.to(m.weight.dtype)) if c.w_bits == 16
+                 else UniformWeight(w_rot, c.w_bits, c.w_symmetric, "channel"))
+        act = NoActQuant() if c.a_bits == 16 else UniformActQuant(c.a_bits, c.a_symmetric, "token")
+        return QuantLinear(store, m.bias, act, rotation=rot, compute_dtype=m.weight.dtype, name=ref.fqn,
+                           treatment=f"hadamard_rtn w{c.w_bits}a{c.a_bits}")
