@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from orbitquant.config import QuantConfig
-from orbitquant.methods.base import Quantizer
+from orbitquant.methods.base import RotatedQuantizer
 from orbitquant.nn import DenseWeight, NoActQuant, QuantLinear, UniformActQuant, UniformWeight
 from orbitquant.registry import register_method
-from orbitquant.rotation import ROTATIONS, Rotation, make_rotation
+from orbitquant.rotation import ROTATIONS
 from orbitquant.types import LayerRef
 
 
@@ -39,20 +39,13 @@ class HadamardRTNConfig(QuantConfig):
 
 
 @register_method("hadamard_rtn")
-class HadamardRTNQuantizer(Quantizer):
+class HadamardRTNQuantizer(RotatedQuantizer):
     config_cls = HadamardRTNConfig
-
-    def __init__(self, config: HadamardRTNConfig) -> None:
-        super().__init__(config)
-        self._rotations: dict[int, Rotation] = {}
 
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         c: HadamardRTNConfig = self.config
         m = ref.module
-        d = m.in_features
-        if d not in self._rotations:  # same seeded draw per (d, seed) as orbit
-            self._rotations[d] = make_rotation(c.rotation, d, c.seed)
-        rot = self._rotations[d].to(m.weight.device)
+        rot = self.rotation(m.in_features).to(m.weight.device)  # the same seeded draw per (d, seed) as orbit
         w_rot = rot(m.weight.detach())
         store = (DenseWeight(w_rot.to(m.weight.dtype)) if c.w_bits == 16
                  else UniformWeight(w_rot, c.w_bits, c.w_symmetric, "channel"))

@@ -27,9 +27,6 @@ class CogVideoXAdapter(DiffusersAdapter):
     def __init__(self, name: str = "cogvideox_2b", **kw) -> None:
         super().__init__(name, **kw)
 
-    def _output(self, out) -> torch.Tensor:
-        return out.frames.float().cpu() * 2 - 1  # (N, F, C, H, W)
-
     def build_tiny(self, seed: int = 0):
         """A random-init CogVideoXPipeline (2 blocks, hidden 32, tiny T5 and 3-D VAE); CPU, no hub."""
         from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,

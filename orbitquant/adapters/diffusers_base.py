@@ -67,29 +67,39 @@ class DiffusersAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ sampling
     def _output(self, out) -> torch.Tensor:
-        """Pipeline output -> (N, C, H, W) images in [-1, 1] (videos: (N, F, C, H, W))."""
-        return out.images.float().cpu() * 2 - 1
+        """Pipeline output -> images (N, C, H, W) or videos (N, F, C, H, W), in [-1, 1], fp32 on CPU."""
+        return (out.frames if self.modality == "video" else out.images).float().cpu() * 2 - 1
+
+    def _sample_batches(self, pipe, n: int, batch_size: int, seed: int, call, progress: bool,
+                        desc: str) -> tuple[torch.Tensor, int]:
+        """Run ``call(start, stop, generators)`` over batches; sample k's noise comes from a generator seeded by
+        (seed, k), so results do not depend on the batch size. Also counts denoiser forwards (the real cost of a
+        protocol: CFG doubles it, and Turbo models may differ from the step count)."""
+        chunks, calls = [], [0]
+        hook = self.denoiser(pipe).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        with hook, tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
+                chunks.append(self._output(call(start, stop, gens)))
+                bar.update(stop - start)
+        return torch.cat(chunks), calls[0]
 
     def generate(self, pipe, *, prompts: list[str], n_per_prompt: int = 1, steps: int, guidance: float,
                  height: int, width: int, batch_size: int, seed: int, progress: bool = True,
                  desc: str = "sampling", **extra: Any) -> Samples:
-        """Images for every prompt; sample k's noise comes from its own generator seeded by (seed, k)."""
+        """``n_per_prompt`` images (or videos) for every prompt."""
         items = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
-        chunks, calls = [], [0]
-        # count denoiser forwards: the real cost of a protocol (CFG doubles it, Turbo models may differ from steps)
-        hook = self.denoiser(pipe).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        with hook, tqdm(total=len(items), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
-            for start in range(0, len(items), batch_size):
-                part = items[start:start + batch_size]
-                gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + k) for k in range(len(part))]
-                out = pipe([p for _, p in part], num_inference_steps=steps, guidance_scale=guidance, height=height,
-                           width=width, generator=gens, output_type="pt", **self._call_kwargs(pipe), **extra)
-                chunks.append(self._output(out))
-                bar.update(len(part))
-        labels = torch.tensor([i for i, _ in items])
-        return Samples(images=torch.cat(chunks), labels=labels,
+
+        def call(start, stop, gens):
+            return pipe([p for _, p in items[start:stop]], num_inference_steps=steps, guidance_scale=guidance,
+                        height=height, width=width, generator=gens, output_type="pt", **self._call_kwargs(pipe),
+                        **extra)
+
+        images, forwards = self._sample_batches(pipe, len(items), batch_size, seed, call, progress, desc)
+        return Samples(images=images, labels=torch.tensor([i for i, _ in items]),
                        meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed,
-                             "denoiser_forwards": calls[0]})
+                             "denoiser_forwards": forwards})
 
     def probe(self, pipe) -> None:
         """One denoising step on one prompt at a small resolution."""

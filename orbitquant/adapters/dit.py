@@ -8,7 +8,6 @@ DDIM (50 or 100 steps) and CFG 1.5, so ``scheduler: ddim`` swaps the checkpoint'
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..registry import register_model
 from ..types import Samples
@@ -52,21 +51,17 @@ class DiTAdapter(DiffusersAdapter):
 
     def generate(self, pipe, *, classes: list[int], n_per_class: int = 1, steps: int, guidance: float,
                  batch_size: int, seed: int, progress: bool = True, desc: str = "sampling", **_: object) -> Samples:
-        """``n_per_class`` images of every class id; sample k's noise comes from a generator seeded by (seed, k)."""
+        """``n_per_class`` images of every class id."""
         labels = [c for c in classes for _ in range(n_per_class)]
-        chunks, calls = [], [0]
-        hook = self.denoiser(pipe).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        with hook, tqdm(total=len(labels), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
-            for start in range(0, len(labels), batch_size):
-                part = labels[start:start + batch_size]
-                gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + k) for k in range(len(part))]
-                out = pipe(class_labels=part, guidance_scale=guidance, generator=gens, num_inference_steps=steps,
-                           output_type="pt")
-                chunks.append(self._output(out))
-                bar.update(len(part))
-        return Samples(images=torch.cat(chunks), labels=torch.tensor(labels),
+
+        def call(start, stop, gens):
+            return pipe(class_labels=labels[start:stop], guidance_scale=guidance, generator=gens,
+                        num_inference_steps=steps, output_type="pt")
+
+        images, forwards = self._sample_batches(pipe, len(labels), batch_size, seed, call, progress, desc)
+        return Samples(images=images, labels=torch.tensor(labels),
                        meta={"classes": classes, "steps": steps, "guidance": guidance, "seed": seed,
-                             "scheduler": type(pipe.scheduler).__name__, "denoiser_forwards": calls[0]})
+                             "scheduler": type(pipe.scheduler).__name__, "denoiser_forwards": forwards})
 
     def probe(self, pipe) -> None:
         pipe(class_labels=[207, 360], guidance_scale=1.5, generator=[torch.Generator().manual_seed(1234)] * 2,

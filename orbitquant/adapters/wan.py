@@ -28,9 +28,6 @@ class WanAdapter(DiffusersAdapter):
     def __init__(self, name: str = "wan21", **kw) -> None:
         super().__init__(name, **kw)
 
-    def _output(self, out) -> torch.Tensor:
-        return out.frames.float().cpu() * 2 - 1  # (N, F, C, H, W)
-
     def build_tiny(self, seed: int = 0):
         """A random-init WanPipeline (2 blocks, hidden 24, tiny UMT5 and Wan VAE); CPU, no hub."""
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from ..config import QuantConfig
 from ..nn import QuantLinear
+from ..rotation import Rotation, make_rotation
 from ..types import LayerRef
 
 
@@ -31,3 +32,17 @@ class Quantizer:
         """The replacement for one layer; ``quantize_`` calls it layer by layer and swaps each in at once,
         so at most one extra layer's weights are alive at a time."""
         raise NotImplementedError
+
+
+class RotatedQuantizer(Quantizer):
+    """A quantizer whose layers share one seeded rotation per input dim (``config.rotation``, ``config.seed``)."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__(config)
+        self._rotations: dict[int, Rotation] = {}
+
+    def rotation(self, d: int) -> Rotation:
+        """The one rotation for input dim ``d``, drawn from the config seed and shared across layers."""
+        if d not in self._rotations:
+            self._rotations[d] = make_rotation(self.config.rotation, d, self.config.seed)
+        return self._rotations[d]

@@ -12,24 +12,13 @@ from ..codebook import get_codebook
 from ..config import OrbitConfig, torch_dtype
 from ..nn import DenseWeight, NoActQuant, OrbitActQuant, OrbitWeight, QuantLinear
 from ..registry import register_method
-from ..rotation import Rotation, make_rotation
 from ..types import LayerRef
-from .base import Quantizer
+from .base import RotatedQuantizer
 
 
 @register_method("orbit")
-class OrbitQuantizer(Quantizer):
+class OrbitQuantizer(RotatedQuantizer):
     config_cls = OrbitConfig
-
-    def __init__(self, config: OrbitConfig) -> None:
-        super().__init__(config)
-        self._rotations: dict[int, Rotation] = {}
-
-    def rotation(self, d: int) -> Rotation:
-        """The one rotation for input dim ``d`` (drawn from the config seed), shared across layers."""
-        if d not in self._rotations:
-            self._rotations[d] = make_rotation(self.config.rotation, d, self.config.seed)
-        return self._rotations[d]
 
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         c: OrbitConfig = self.config
