@@ -17,15 +17,13 @@ from .tiny_text import t5_encoder, t5_tokenizer
 class CogVideoXAdapter(DiffusersAdapter):
     modality = "video"
     roles = COGVIDEOX_ROLES
+    default_name = "cogvideox_2b"
     pipeline_cls = "CogVideoXPipeline"
     default_repo = "THUDM/CogVideoX-2b"
     call_kwargs = {"max_sequence_length": 226}
     tiny_call_kwargs = {"max_sequence_length": 16}
     probe_kwargs = {"height": 240, "width": 360, "num_frames": 9}
     tiny_probe_kwargs = {"height": 16, "width": 16, "num_frames": 9}
-
-    def __init__(self, name: str = "cogvideox_2b", **kw) -> None:
-        super().__init__(name, **kw)
 
     def build_tiny(self, seed: int = 0):
         """A random-init CogVideoXPipeline (2 blocks, hidden 32, tiny T5 and 3-D VAE); CPU, no hub."""

@@ -22,6 +22,7 @@ from .roles import RoleTable
 class DiffusersAdapter(ModelAdapter):
     roles: ClassVar[RoleTable]
     pipeline_cls: ClassVar[str]
+    default_name: ClassVar[str]  # the model config name of the default checkpoint
     default_repo: ClassVar[str]
     #: keyword arguments every pipeline call gets (e.g. max_sequence_length)
     call_kwargs: ClassVar[dict[str, Any]] = {}
@@ -30,9 +31,9 @@ class DiffusersAdapter(ModelAdapter):
     probe_kwargs: ClassVar[dict[str, Any]] = {"height": 256, "width": 256}
     tiny_probe_kwargs: ClassVar[dict[str, Any]] = {"height": 64, "width": 64}
 
-    def __init__(self, name: str, repo_id: str | None = None, path: str | None = None, download: bool = False,
-                 cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0) -> None:
-        self.name = name
+    def __init__(self, name: str | None = None, repo_id: str | None = None, path: str | None = None,
+                 download: bool = False, cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0) -> None:
+        self.name = name or self.default_name
         self.repo_id = repo_id or self.default_repo
         self.path, self.download, self.cpu_offload = path, download, cpu_offload
         self.tiny, self.tiny_seed = tiny, tiny_seed

@@ -20,13 +20,14 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "dd
 @register_model("dit")
 class DiTAdapter(DiffusersAdapter):
     roles = DIT_ROLES
+    default_name = "dit_xl_2"
     pipeline_cls = "DiTPipeline"
     default_repo = "facebook/DiT-XL-2-256"
 
-    def __init__(self, name: str = "dit_xl_2", scheduler: str | None = "ddim", **kw) -> None:
+    def __init__(self, scheduler: str | None = "ddim", **kw) -> None:
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)} (or null to keep the shipped one)")
-        super().__init__(name, **kw)
+        super().__init__(**kw)
         self.scheduler = scheduler
 
     def load(self, dtype: torch.dtype = torch.float32, device: str = "cpu"):

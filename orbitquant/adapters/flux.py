@@ -13,13 +13,14 @@ from .tiny_text import clip_text_model, clip_tokenizer, t5_encoder, t5_tokenizer
 @register_model("flux")
 class FluxAdapter(DiffusersAdapter):
     roles = FLUX_ROLES
+    default_name = "flux1_schnell"
     pipeline_cls = "FluxPipeline"
     default_repo = "black-forest-labs/FLUX.1-schnell"
     call_kwargs = {"max_sequence_length": 256}
     tiny_call_kwargs = {"max_sequence_length": 16}
 
-    def __init__(self, name: str = "flux1_schnell", max_sequence_length: int | None = None, **kw) -> None:
-        super().__init__(name, **kw)
+    def __init__(self, max_sequence_length: int | None = None, **kw) -> None:
+        super().__init__(**kw)
         if max_sequence_length:
             self.call_kwargs = {"max_sequence_length": max_sequence_length}
 

@@ -18,15 +18,13 @@ from .tiny_text import t5_encoder, t5_tokenizer
 class WanAdapter(DiffusersAdapter):
     modality = "video"
     roles = WAN_ROLES
+    default_name = "wan21"
     pipeline_cls = "WanPipeline"
     default_repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     call_kwargs = {"max_sequence_length": 512}
     tiny_call_kwargs = {"max_sequence_length": 16}
     probe_kwargs = {"height": 240, "width": 416, "num_frames": 5}
     tiny_probe_kwargs = {"height": 16, "width": 16, "num_frames": 5}
-
-    def __init__(self, name: str = "wan21", **kw) -> None:
-        super().__init__(name, **kw)
 
     def build_tiny(self, seed: int = 0):
         """A random-init WanPipeline (2 blocks, hidden 24, tiny UMT5 and Wan VAE); CPU, no hub."""

@@ -17,13 +17,11 @@ from .tiny_text import chat_tokenizer, qwen3_model
 @register_model("zimage")
 class ZImageAdapter(DiffusersAdapter):
     roles = ZIMAGE_ROLES
+    default_name = "zimage_turbo"
     pipeline_cls = "ZImagePipeline"
     default_repo = "Tongyi-MAI/Z-Image-Turbo"
     call_kwargs = {"max_sequence_length": 512}
     tiny_call_kwargs = {"max_sequence_length": 16}
-
-    def __init__(self, name: str = "zimage_turbo", **kw) -> None:
-        super().__init__(name, **kw)
 
     def build_tiny(self, seed: int = 0):
         """A random-init ZImagePipeline (1+1 refiner and 2 main layers, dim 32, tiny Qwen3 and VAE); CPU, no hub."""
