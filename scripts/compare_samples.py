@@ -1,0 +1,57 @@
+"""Side-by-side sample grids of several runs (same seed, so the same noise), with labels.
+
+    python scripts/compare_samples.py results/runs/digits_outliers/{fp/fp,orbit/w4a4,rtn/w4a4}/digits/q0-s0 \
+        --rows 3 --out results/figures/digits_outliers_w4a4.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orbitquant.generate import load_samples  # noqa: E402
+from orbitquant.viz import to_uint8  # noqa: E402
+
+
+def main() -> None:
+    from PIL import Image, ImageDraw
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with samples/samples.npz)")
+    ap.add_argument("--rows", type=int, default=3, help="rows of 10 samples per run")
+    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    panels, labels = [], []
+    for run in args.runs:
+        s = load_samples(run / "samples" / "samples.npz")
+        imgs = to_uint8(s.images[: 10 * args.rows])  # (N, H, W, C)
+        n, h, w, c = imgs.shape
+        grid = torch.from_numpy(imgs).view(args.rows, 10, h, w, c).permute(0, 2, 1, 3, 4).reshape(args.rows * h, 10 * w, c)
+        panels.append(Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).resize(
+            (10 * w * args.scale, args.rows * h * args.scale), Image.NEAREST))
+        res = json.loads((run / "results.json").read_text())
+        q = res["config"]["quant"]
+        psnr = res["metrics"].get("psnr_vs_fp", {}).get("value")
+        labels.append(f"{q['method']} {q['tag']}" + (f"  PSNR {float(psnr):.1f} dB" if psnr not in (None, "inf") else ""))
+    pad, text_h = 8, 14
+    width = sum(p.width for p in panels) + pad * (len(panels) + 1)
+    canvas = Image.new("L", (width, panels[0].height + text_h + 2 * pad), 255)
+    draw, x = ImageDraw.Draw(canvas), pad
+    for panel, label in zip(panels, labels, strict=True):
+        draw.text((x, pad // 2), label, fill=0)
+        canvas.paste(panel.convert("L"), (x, pad + text_h))
+        x += panel.width + pad
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
