@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from orbitquant import quantize_
+    from orbitquant.api import quantizer_for
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
     from orbitquant.generate import reference_key, reference_samples, save_samples
@@ -42,6 +43,9 @@ def main(cfg: DictConfig) -> None:
         adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
         metrics, protocol = build_metrics(c["eval"]["metrics"]), c["eval"]["protocol"]
         adapter.check_protocol(protocol, c["eval"]["name"])
+        needs_calib = quantizer_for(qcfg).needs_calibration
+        if needs_calib:
+            adapter.check_protocol(c["calib"]["protocol"], "calib=" + c["calib"]["name"])
     except (ValueError, KeyError, TypeError) as e:
         sys.exit(f"config error: {e}")
     torch.set_num_threads(cfg.threads)
@@ -67,7 +71,10 @@ def main(cfg: DictConfig) -> None:
         reference, cached = reference_samples(lambda: sample("fp reference"), Path(cfg.cache_dir) / "reference", key)
         lap("reference_cached" if cached else "reference")
         denoiser = adapter.denoiser(pipe)
-        report = quantize_(denoiser, qcfg, adapter.layers(denoiser), probe=lambda: adapter.probe(pipe))
+        calibrate = (lambda: adapter.generate(pipe, **c["calib"]["protocol"], seed=cfg.quant_seed + 10_000,
+                                              progress=cfg.progress, desc="calibration")) if needs_calib else None
+        report = quantize_(denoiser, qcfg, adapter.layers(denoiser), probe=lambda: adapter.probe(pipe),
+                           calibrate=calibrate)
         lap("quantize")
         samples = sample(f"{c['quant']['method']} {c['quant']['tag']}")
         files = save_samples(samples, run.samples_dir)

@@ -43,6 +43,7 @@ class QuantReport:
     layers: list[LayerRecord] = field(default_factory=list)
     seconds: float = 0.0
     probe: str = "none"  # "model" (adapter probe batch) | "gaussian" | "none"
+    calibration: dict = field(default_factory=dict)  # seconds, tokens seen, fitted hyper-parameters
     peak_memory: dict = field(default_factory=dict)  # bytes: process max RSS so far; CUDA max allocated in quantize_
 
     def by_role(self) -> dict[str, dict]:
@@ -75,6 +76,7 @@ class QuantReport:
             "max_rel_err": max(errs) if errs else None,
             "probe": self.probe,
             "seconds": round(self.seconds, 3),
+            "calibration": self.calibration,
             "peak_memory": self.peak_memory,
         }
 
@@ -149,7 +151,8 @@ def _treatment_of(ref: LayerRef, config: QuantConfig) -> str:
 
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | None = None,
-              probe: Callable[[], object] | None = None) -> QuantReport:
+              probe: Callable[[], object] | None = None,
+              calibrate: Callable[[], object] | None = None) -> QuantReport:
     """Quantize ``model`` in place and report what was done.
 
     ``layers`` (from a model adapter) gives every ``nn.Linear`` with a role; without it every
@@ -157,6 +160,9 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     source precision, ``adaln`` layers follow ``config.adaln``, everything else gets the method.
     ``probe`` runs the model once on a small batch; each quantized layer's relative output error is
     measured on the inputs it saw there (without a probe: on N(0, 1) inputs).
+
+    ``calibrate`` runs the model's real sampler on calibration data; methods that need calibration
+    (``needs_calibration``) refuse to run without it.
 
     Layers are converted one at a time and each replaced ``nn.Linear`` is moved to the meta device,
     so peak memory stays near one model copy plus one layer.
@@ -172,6 +178,9 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
         layers = _all_linears(model)
     _check_layers(model, layers)
     quantizer = quantizer_for(config)
+    if quantizer.needs_calibration and calibrate is None:
+        raise ValueError(f"method {config.method!r} needs calibration data: pass calibrate= (a callable that runs "
+                         "the model's sampler; run.py builds it from conf/calib/)")
     plan = {ref.fqn: _treatment_of(ref, config) for ref in layers}
     targets = [ref for ref in layers if plan[ref.fqn] != "skip"]
 
@@ -200,9 +209,14 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
                 w = ref.module.weight
                 inputs[ref.fqn] = torch.randn(config.probe_tokens, w.shape[1], generator=g).to(w.device, w.dtype)
     quantizer.prepare([ref for ref in targets if plan[ref.fqn] == "method"])
+    calibration = {}
+    if quantizer.needs_calibration:
+        t_cal = time.perf_counter()
+        calibrate()
+        calibration = {**quantizer.finish_calibration(), "seconds": round(time.perf_counter() - t_cal, 3)}
 
     # stream layer by layer: build one replacement, measure it, swap it in, drop the original
-    report = QuantReport(method=config.method, config=config.to_dict(), probe=probe_kind)
+    report = QuantReport(method=config.method, config=config.to_dict(), probe=probe_kind, calibration=calibration)
     for ref in layers:
         m = ref.module
         src_bits = torch.finfo(m.weight.dtype).bits

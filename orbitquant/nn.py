@@ -66,6 +66,35 @@ class UniformActQuant(ActQuantizer):
         return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"
 
 
+class StaticUniformActQuant(ActQuantizer):
+    """Symmetric round-to-nearest with one fixed per-tensor scale from calibration (SmoothQuant's O3 level)."""
+
+    def __init__(self, bits: int, absmax: float) -> None:
+        super().__init__()
+        _, self.qmax = qrange(bits, True)
+        self.bits, self.scale = bits, max(float(absmax), 1e-8) / self.qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if not torch.isfinite(xf.abs().amax()):
+            raise NonFiniteInput("activation contains NaN or Inf")
+        return torch.clamp(torch.round(xf / self.scale), -self.qmax - 1, self.qmax) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={self.scale:.4g}"
+
+
+class ChannelScale(nn.Module):
+    """An input transform ``x * inv_scale`` per channel (SmoothQuant's smoothing, applied online)."""
+
+    def __init__(self, inv_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("inv_scale", inv_scale.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.inv_scale
+
+
 class OrbitActQuant(ActQuantizer):
     """OrbitQuant's runtime activation pass on already-rotated tokens.
 
@@ -208,12 +237,13 @@ def _refresh_after_load(module: "QuantLinear", _incompatible_keys) -> None:
 class QuantLinear(nn.Module):
     """``y = F.linear(act(rot(x)), dequant(W_store), bias)``: a drop-in for ``nn.Linear``.
 
-    ``rotation`` is applied to activations only; for rotated methods the weight store already holds
-    ``W' = rot(W)``, so no inverse rotation runs at runtime.
+    ``rotation`` is the online input transform (a rotation, or a per-channel smoothing scale), applied to
+    activations only; the weight store already holds the weight with the inverse folded in (``rot(W)``,
+    ``W * s``), so no inverse transform runs at runtime.
     """
 
     def __init__(self, store: WeightStore, bias: torch.Tensor | None, act: ActQuantizer | None = None,
-                 rotation: Rotation | None = None, compute_dtype: torch.dtype = torch.float32, name: str = "",
+                 rotation: Rotation | nn.Module | None = None, compute_dtype: torch.dtype = torch.float32, name: str = "",
                  treatment: str = "") -> None:
         super().__init__()
         self.out_features, self.in_features = store.shape

@@ -52,3 +52,68 @@ def test_rotation_rescues_rtn_on_outlier_channels():
     # per-token RTN spends its range on the 4 outlier channels; the rotation spreads them out
     assert errs["hadamard_rtn"] < 0.7 * errs["rtn"], errs
     assert errs["orbit"] < 0.7 * errs["rtn"], errs
+
+
+def _calibrated(cfg, x, seq):
+    return oq.quantize_(seq, cfg, calibrate=lambda: seq(x))
+
+
+def test_smoothquant_beats_rtn_on_outlier_channels():
+    from baselines.smoothquant import SmoothQuantConfig
+
+    x = _outlier_tokens()
+    cases = {  # (rtn config, smoothquant config): same weight/activation granularity
+        "per-tensor W8A8": (oq.RTNConfig(w_bits=8, a_bits=8, a_symmetric=True, a_granularity="tensor"),
+                            SmoothQuantConfig(w_bits=8, a_bits=8, a_granularity="tensor")),
+        "per-token W4A4": (oq.RTNConfig(w_bits=4, a_bits=4, a_symmetric=True),
+                           SmoothQuantConfig(w_bits=4, a_bits=4)),
+    }
+    for name, (rtn_cfg, sq_cfg) in cases.items():
+        errs = {}
+        for key, cfg in (("rtn", rtn_cfg), ("sq", sq_cfg)):
+            seq = torch.nn.Sequential(_mlp()[0])
+            ref = seq(x)
+            report = _calibrated(cfg, x, seq) if key == "sq" else oq.quantize_(seq, cfg)
+            errs[key] = relative_error(ref, seq(x))
+        assert errs["sq"] < 0.6 * errs["rtn"], (name, errs)
+        assert 0.0 < report.calibration["alpha"] < 1.0 and report.calibration["tokens_per_layer"] == len(x)
+
+
+def test_smoothquant_is_near_lossless_at_w8a8_and_static_o3_runs():
+    from baselines.smoothquant import SmoothQuantConfig
+
+    x = _outlier_tokens(scale=5.0)
+    for cfg in (SmoothQuantConfig(w_bits=8, a_bits=8, alpha=0.5),
+                SmoothQuantConfig(w_bits=8, a_bits=8, a_granularity="tensor", a_static=True)):
+        seq = torch.nn.Sequential(_mlp()[0])
+        ref = seq(x)
+        _calibrated(cfg, x, seq)
+        assert relative_error(ref, seq(x)) < 0.02  # 8-bit: ~1e-2 relative error at most
+
+
+def test_calibrated_methods_refuse_to_run_without_calibration():
+    import pytest
+
+    from baselines.smoothquant import SmoothQuantConfig
+
+    with pytest.raises(ValueError, match="needs calibration"):
+        oq.quantize_(_mlp(), SmoothQuantConfig())
+
+
+def test_activation_collector_is_exact_and_bounded():
+    from orbitquant.calib import ActivationCollector
+    from orbitquant.types import LayerRef
+
+    lin = torch.nn.Linear(8, 4)
+    batches = [torch.randn(5, 7, 8, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(10)]
+    col = ActivationCollector(reservoir=16, seed=0)
+    with col.attach([LayerRef("l", "linear", -1, lin)]):
+        for b in batches:
+            lin(b)
+    st = col.stats["l"]
+    allx = torch.cat([b.reshape(-1, 8) for b in batches])
+    assert torch.equal(st.absmax, allx.abs().amax(0)) and st.tokens == len(allx) == 350
+    assert st.reservoir.shape == (16, 8)
+    # every kept token is a real input token
+    assert all((allx == row).all(1).any() for row in st.reservoir)
+    assert not lin._forward_hooks  # detached on exit

@@ -26,7 +26,11 @@ class Quantizer:
         self.config = config
 
     def prepare(self, layers: list[LayerRef]) -> None:
-        """Install observers (calibrated methods only)."""
+        """Install observers (calibrated methods only); the calibration sampler runs next."""
+
+    def finish_calibration(self) -> dict:
+        """Remove observers and fit what the calibration determines; returns facts for the report."""
+        return {}
 
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         """The replacement for one layer; ``quantize_`` calls it layer by layer and swaps each in at once,
