@@ -141,7 +141,8 @@ def _adaln_layer(ref: LayerRef, config: QuantConfig) -> QuantLinear:
                        compute_dtype=m.weight.dtype, name=ref.fqn, treatment="int4_g64 wo")
 
 
-def _treatment_of(ref: LayerRef, config: QuantConfig) -> str:
+def layer_treatment(ref: LayerRef, config: QuantConfig) -> str:
+    """The policy by role: ``skip`` (source precision), ``adaln`` (INT4 g64 weight-only) or ``method``."""
     if ref.role in config.skip_roles:
         return "skip"
     if ref.role == "adaln" and config.adaln != "method":
@@ -181,7 +182,7 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     if quantizer.needs_calibration and calibrate is None:
         raise ValueError(f"method {config.method!r} needs calibration data: pass calibrate= (a callable that runs "
                          "the model's sampler; run.py builds it from conf/calib/)")
-    plan = {ref.fqn: _treatment_of(ref, config) for ref in layers}
+    plan = {ref.fqn: layer_treatment(ref, config) for ref in layers}
     targets = [ref for ref in layers if plan[ref.fqn] != "skip"]
 
     # capture probe inputs before anything changes

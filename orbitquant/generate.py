@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import torch
 from .types import Samples
 from .viz import save_gif, save_grid, save_mp4
 
-log = logging.getLogger(__name__)
 MAX_VIDEO_FILES = 8  # animated previews written per run (all frames are in samples.npz)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from .adapters.dit_roles import DIT_ROLES
 from .adapters.family_roles import COGVIDEOX_ROLES, FLUX_ROLES, WAN_ROLES, ZIMAGE_ROLES
 from .adapters.roles import RoleTable
-from .api import _treatment_of
+from .api import layer_treatment
 from .config import OrbitConfig
 from .rotation import largest_pow2_divisor
 from .types import LayerRef
@@ -45,7 +45,7 @@ def build_meta(name: str) -> nn.Module:
 def inventory(refs: list[LayerRef], config: OrbitConfig | None = None) -> dict:
     """Counts by the paper's policy, and the RPBH block size of every input dim the method sees."""
     config = config or OrbitConfig()
-    treat = {r.fqn: _TREATMENT_NAMES[_treatment_of(r, config)] for r in refs}
+    treat = {r.fqn: _TREATMENT_NAMES[layer_treatment(r, config)] for r in refs}
     dims = sorted({r.module.in_features for r in refs if treat[r.fqn] == "orbit"})
     return {
         "total": len(refs),

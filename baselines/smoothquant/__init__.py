@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from orbitquant.calib import ActivationCollector
 from orbitquant.config import QuantConfig
 from orbitquant.methods.base import Quantizer
