@@ -32,6 +32,13 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def check_symmetric_bits(config) -> None:
+    """Symmetric uniform quantization needs >= 2 bits; say which operand and how to fix it."""
+    for what in ("w", "a"):
+        if getattr(config, f"{what}_symmetric") and getattr(config, f"{what}_bits") == 1:
+            raise ValueError(f"{what}_bits=1 needs {what}_symmetric=false (symmetric RTN needs >= 2 bits)")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Fields shared by every method: bit widths and the layer policy by role.
@@ -98,9 +105,7 @@ class RTNConfig(QuantConfig):
             raise ValueError(f"w_granularity must be 'channel' or 'tensor', got {self.w_granularity!r}")
         if self.a_granularity not in ("token", "tensor"):
             raise ValueError(f"a_granularity must be 'token' or 'tensor', got {self.a_granularity!r}")
-        for bits, sym, what in ((self.w_bits, self.w_symmetric, "w"), (self.a_bits, self.a_symmetric, "a")):
-            if sym and bits == 1:
-                raise ValueError(f"{what}_bits=1 needs {what}_symmetric=false (symmetric RTN needs >= 2 bits)")
+        check_symmetric_bits(self)
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,17 @@ class OrbitWeight(WeightStore):
         return f"bits={self.bits}, norm_dtype={self.norms.dtype}"
 
 
+def uniform_store(weight: torch.Tensor, bits: int, symmetric: bool, granularity: str,
+                  dtype: torch.dtype) -> WeightStore:
+    """Uniform RTN weight store, or the weight as is (in ``dtype``) when ``bits == 16``."""
+    return DenseWeight(weight.to(dtype)) if bits == 16 else UniformWeight(weight, bits, symmetric, granularity)
+
+
+def uniform_act(bits: int, symmetric: bool, granularity: str = "token") -> ActQuantizer:
+    """Dynamic uniform RTN activation quantizer, or pass-through when ``bits == 16``."""
+    return NoActQuant() if bits == 16 else UniformActQuant(bits, symmetric, granularity)
+
+
 # ------------------------------------------------------------------------------------------ QuantLinear
 def _refresh_after_load(module: "QuantLinear", _incompatible_keys) -> None:
     module.refresh()  # a module-level function (not a lambda) keeps quantized models picklable

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orbitquant.config import QuantConfig
+from orbitquant.config import QuantConfig, check_symmetric_bits
 from orbitquant.methods.base import RotatedQuantizer
-from orbitquant.nn import DenseWeight, NoActQuant, QuantLinear, UniformActQuant, UniformWeight
+from orbitquant.nn import QuantLinear, uniform_act, uniform_store
 from orbitquant.registry import register_method
 from orbitquant.rotation import ROTATIONS
 from orbitquant.types import LayerRef
@@ -33,9 +33,7 @@ class HadamardRTNConfig(QuantConfig):
         super().__post_init__()
         if self.rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {self.rotation!r}; valid: {', '.join(ROTATIONS)}")
-        for bits, sym, what in ((self.w_bits, self.w_symmetric, "w"), (self.a_bits, self.a_symmetric, "a")):
-            if sym and bits == 1:
-                raise ValueError(f"{what}_bits=1 needs {what}_symmetric=false (symmetric RTN needs >= 2 bits)")
+        check_symmetric_bits(self)
 
 
 @register_method("hadamard_rtn")
@@ -47,8 +45,7 @@ class HadamardRTNQuantizer(RotatedQuantizer):
         m = ref.module
         rot = self.rotation(m.in_features).to(m.weight.device)  # the same seeded draw per (d, seed) as orbit
         w_rot = rot(m.weight.detach())
-        store = (DenseWeight(w_rot.to(m.weight.dtype)) if c.w_bits == 16
-                 else UniformWeight(w_rot, c.w_bits, c.w_symmetric, "channel"))
-        act = NoActQuant() if c.a_bits == 16 else UniformActQuant(c.a_bits, c.a_symmetric, "token")
+        store = uniform_store(w_rot, c.w_bits, c.w_symmetric, "channel", m.weight.dtype)
+        act = uniform_act(c.a_bits, c.a_symmetric, "token")
         return QuantLinear(store, m.bias, act, rotation=rot, compute_dtype=m.weight.dtype, name=ref.fqn,
                            treatment=f"hadamard_rtn w{c.w_bits}a{c.a_bits}")

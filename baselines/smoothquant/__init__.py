@@ -17,8 +17,7 @@ from typing import ClassVar
 from orbitquant.calib import ActivationCollector
 from orbitquant.config import QuantConfig
 from orbitquant.methods.base import Quantizer
-from orbitquant.nn import (ChannelScale, DenseWeight, NoActQuant, QuantLinear, StaticUniformActQuant, UniformActQuant,
-                           UniformWeight)
+from orbitquant.nn import ChannelScale, QuantLinear, StaticUniformActQuant, uniform_act, uniform_store
 from orbitquant.primitives import relative_error
 from orbitquant.registry import register_method
 from orbitquant.types import LayerRef
@@ -89,14 +88,9 @@ class SmoothQuantQuantizer(Quantizer):
         w = m.weight.detach().float()
         s = (a.clamp_min(1e-5) ** alpha / w.abs().amax(dim=0).clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
         w_s = w * s  # column j scaled up by s_j; the input channel j is divided by s_j online
-        store = (DenseWeight(w_s.to(m.weight.dtype)) if c.w_bits == 16
-                 else UniformWeight(w_s, c.w_bits, True, c.w_granularity))
-        if c.a_bits == 16:
-            act = NoActQuant()
-        elif c.a_static:
-            act = StaticUniformActQuant(c.a_bits, float((a / s).max()))
-        else:
-            act = UniformActQuant(c.a_bits, True, c.a_granularity)
+        store = uniform_store(w_s, c.w_bits, True, c.w_granularity, m.weight.dtype)
+        act = (StaticUniformActQuant(c.a_bits, float((a / s).max())) if c.a_static and c.a_bits != 16
+               else uniform_act(c.a_bits, True, c.a_granularity))
         return QuantLinear(store, m.bias, act, rotation=ChannelScale(1.0 / s), compute_dtype=m.weight.dtype,
                            name=ref.fqn, treatment=f"smoothquant w{c.w_bits}a{c.a_bits}")
 

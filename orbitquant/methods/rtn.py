@@ -4,7 +4,7 @@ activations. The simplest correct calibration-free baseline."""
 from __future__ import annotations
 
 from ..config import RTNConfig
-from ..nn import DenseWeight, NoActQuant, QuantLinear, UniformActQuant, UniformWeight
+from ..nn import QuantLinear, uniform_act, uniform_store
 from ..registry import register_method
 from ..types import LayerRef
 from .base import Quantizer
@@ -17,8 +17,7 @@ class RTNQuantizer(Quantizer):
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         c: RTNConfig = self.config
         m = ref.module
-        store = (DenseWeight(m.weight) if c.w_bits == 16
-                 else UniformWeight(m.weight, c.w_bits, c.w_symmetric, c.w_granularity))
-        act = NoActQuant() if c.a_bits == 16 else UniformActQuant(c.a_bits, c.a_symmetric, c.a_granularity)
+        store = uniform_store(m.weight, c.w_bits, c.w_symmetric, c.w_granularity, m.weight.dtype)
+        act = uniform_act(c.a_bits, c.a_symmetric, c.a_granularity)
         return QuantLinear(store, m.bias, act, compute_dtype=m.weight.dtype, name=ref.fqn,
                            treatment=f"rtn w{c.w_bits}a{c.a_bits}")
