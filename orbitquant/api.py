@@ -209,7 +209,7 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
             for ref in targets:
                 w = ref.module.weight
                 inputs[ref.fqn] = torch.randn(config.probe_tokens, w.shape[1], generator=g).to(w.device, w.dtype)
-    quantizer.prepare([ref for ref in targets if plan[ref.fqn] == "method"])
+    quantizer.prepare([ref for ref in targets if plan[ref.fqn] == "method"], model)
     calibration = {}
     if quantizer.needs_calibration:
         t_cal = time.perf_counter()

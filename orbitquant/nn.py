@@ -8,12 +8,15 @@ kernel: speed measured through this path is fake-quant speed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .codebook import Codebook
-from .primitives import dequantize_groups, fake_quant_uniform, pack_codes, qrange, quantize_groups, unpack_codes
+from .primitives import (dequantize_groups, fake_quant_groups, fake_quant_uniform, pack_codes, qrange, quantize_groups,
+                         unpack_codes)
 from .rotation import Rotation
 
 
@@ -64,6 +67,24 @@ class UniformActQuant(ActQuantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"
+
+
+class GroupActQuant(ActQuantizer):
+    """Dynamic round-to-nearest per token and contiguous channel group (``group <= 0``: per token)."""
+
+    def __init__(self, bits: int, group: int, symmetric: bool = False) -> None:
+        super().__init__()
+        qrange(bits, symmetric)  # validates
+        self.bits, self.group, self.symmetric = bits, group, symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if not torch.isfinite(xf.abs().amax()):
+            raise NonFiniteInput("activation contains NaN or Inf")
+        return fake_quant_groups(xf, self.bits, self.symmetric, self.group)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}"
 
 
 class StaticUniformActQuant(ActQuantizer):
@@ -202,6 +223,46 @@ class GroupWeight(WeightStore):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group={self.group}"
+
+
+@dataclass
+class GroupedCodes:
+    """Integer codes of a weight with one (scale, zero) per output row and contiguous input group, as
+    produced by a solver such as GPTQ. Codes are in [-2^(b-1), 2^(b-1)) (symmetric, ``zeros=None``) or
+    [0, 2^b) with integer zero points; ``scales``/``zeros`` are (rows, n_groups)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group: int
+    symmetric: bool
+
+    def dequantize(self) -> torch.Tensor:
+        z = 0.0 if self.zeros is None else self.zeros
+        return dequantize_groups(self.codes.double(), self.scales.double(), self.group, z).float()
+
+
+class GroupUniformWeight(WeightStore):
+    """Packed per-(row, input group) integer weights with fp16 scales and uint8 zero points (Q-DiT's format)."""
+
+    def __init__(self, q: GroupedCodes) -> None:
+        super().__init__()
+        self.bits, self.group, self.symmetric, self.shape = q.bits, q.group, q.symmetric, tuple(q.codes.shape)
+        lo_q, _ = qrange(q.bits, q.symmetric)
+        self.register_buffer("codes", pack_codes((q.codes - lo_q).to(torch.int32).cpu(), q.bits).to(q.codes.device))
+        self.register_buffer("scales", q.scales.to(torch.float16))
+        self.register_buffer("zeros", torch.zeros(0, dtype=torch.uint8) if q.zeros is None else q.zeros.to(torch.uint8))
+
+    def dequantize(self) -> torch.Tensor:
+        lo_q, _ = qrange(self.bits, self.symmetric)
+        n = self.shape[0] * self.shape[1]
+        q = unpack_codes(self.codes.cpu(), self.bits, n).view(self.shape).to(self.scales.device) + lo_q
+        z = self.zeros.float() if self.zeros.numel() else 0.0
+        return dequantize_groups(q.float(), self.scales.float(), self.group, z)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}"
 
 
 class OrbitWeight(WeightStore):

@@ -96,6 +96,20 @@ def fake_quant_uniform(x: torch.Tensor, bits: int, symmetric: bool, dims: tuple[
     return ((q - zero) * scale).to(x.dtype)
 
 
+def fake_quant_groups(x: torch.Tensor, bits: int, symmetric: bool, group: int) -> torch.Tensor:
+    """Dynamic round-to-nearest with one scale per row and contiguous group of ``group`` channels of the
+    last dim (Q-DiT's per-token x channel-group activations). ``group <= 0`` or ``>= d`` is per row; a last
+    dim that ``group`` does not divide gets a shorter final group (its own range, no padding)."""
+    d = x.shape[-1]
+    if group <= 0 or group >= d:
+        return fake_quant_uniform(x, bits, symmetric, (-1,))
+    main = d - d % group
+    head = fake_quant_uniform(x[..., :main].unflatten(-1, (main // group, group)), bits, symmetric, (-1,))
+    if main == d:
+        return head.flatten(-2)
+    return torch.cat([head.flatten(-2), fake_quant_uniform(x[..., main:], bits, symmetric, (-1,))], dim=-1)
+
+
 def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-group weight quantization along the last dim (absmax / (2^(b-1)-1), codes in [-2^(b-1), 2^(b-1)-1]).
 
@@ -111,11 +125,16 @@ def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     return codes.to(torch.int8), scales
 
 
-def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group: int,
+                      zeros: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``(codes - zero) * scale`` with one scale (and zero point) per row and group of ``group`` columns;
+    float32 unless ``codes`` is float64."""
     rows, cols = codes.shape
     pad = (-cols) % group
-    c = torch.nn.functional.pad(codes.float(), (0, pad)).view(rows, -1, group)
-    return (c * scales.float()[..., None]).view(rows, -1)[:, :cols]
+    dt = torch.float64 if codes.dtype == torch.float64 else torch.float32
+    c = torch.nn.functional.pad(codes.to(dt), (0, pad)).view(rows, -1, group)
+    z = zeros.to(dt)[..., None] if isinstance(zeros, torch.Tensor) else zeros
+    return ((c - z) * scales.to(dt)[..., None]).view(rows, -1)[:, :cols]
 
 
 # ----------------------------------------------------------------------------------------------- metrics

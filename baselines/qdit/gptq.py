@@ -3,12 +3,15 @@
 Columns are quantized left to right; each column's rounding error is propagated to the columns not
 yet quantized through the inverse Hessian ``H = 2 X^T X / n`` (Cholesky form, dampened), in blocks
 of ``blocksize`` columns (lazy batch updates). Group scales are taken from the *updated* weights when
-a group starts, as in the reference implementation (no act-order).
+a group starts, as in the reference implementation (no act-order). Scales are rounded to fp16 while
+quantizing, so the stored (fp16-scale) weight is exactly the one GPTQ compensated for.
 """
 
 from __future__ import annotations
 
 import torch
+
+from orbitquant.nn import GroupedCodes
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -17,58 +20,74 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * x.T @ x / len(x)
 
 
-def rtn_groups(w: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> torch.Tensor:
+def rtn_groups(w: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> GroupedCodes:
     """Round-to-nearest on the same grid as :func:`gptq_quantize` (one scale per row and input group),
     without error propagation: the baseline GPTQ must beat."""
     w = w.detach().double()
-    out = torch.empty_like(w)
-    for g0 in range(0, w.shape[1], group):
+    rows, cols = w.shape
+    codes = torch.empty(rows, cols, dtype=torch.int64, device=w.device)
+    n_groups = -(-cols // group)
+    scales = torch.empty(rows, n_groups, dtype=torch.float64, device=w.device)
+    zeros = torch.zeros_like(scales)
+    for k, g0 in enumerate(range(0, cols, group)):
         grp = w[:, g0:g0 + group]
-        for j in range(grp.shape[1]):
-            out[:, g0 + j] = _quant_like(grp[:, j], grp, bits, symmetric)
-    return out.float()
+        scales[:, k], zeros[:, k] = _group_params(grp, bits, symmetric)
+        codes[:, g0:g0 + group] = _encode(grp, scales[:, k:k + 1], zeros[:, k:k + 1], bits, symmetric)
+    return GroupedCodes(codes, scales, None if symmetric else zeros, bits, group, symmetric)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: bool = False,
-                  blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """The GPTQ-quantized (dequantized, fp32) weight for ``w`` (out, in) given the input Hessian ``h`` (in, in)."""
+                  blocksize: int = 128, percdamp: float = 0.01) -> GroupedCodes:
+    """GPTQ codes and group scales for ``w`` (out, in) given the input Hessian ``h`` (in, in)."""
     w = w.detach().double().clone()
-    h = h.double().clone()
-    cols = w.shape[1]
+    h = h.to(w.device).double().clone()
+    rows, cols = w.shape
     if h.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight input dim {cols}")
     dead = torch.diagonal(h) == 0  # channels never active in calibration: no information, quantize as zero
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
-    scale_src = None
+    codes = torch.zeros(rows, cols, dtype=torch.int64, device=w.device)
+    n_groups = -(-cols // group)
+    scales = torch.zeros(rows, n_groups, dtype=torch.float64, device=w.device)
+    zeros = torch.zeros_like(scales)
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         w1, err1, hinv1 = w[:, b0:b1].clone(), torch.zeros_like(w[:, b0:b1]), hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
+            k = col // group
             if col % group == 0:  # group scales from the current (error-updated) weights
                 g1 = min(col + group, cols)
-                scale_src = torch.cat([w1[:, i:], w[:, b1:]], dim=1)[:, : g1 - col]
-            wq = _quant_like(w1[:, i], scale_src, bits, symmetric)
-            q[:, col] = wq
+                src = torch.cat([w1[:, i:], w[:, b1:]], dim=1)[:, : g1 - col]
+                scales[:, k], zeros[:, k] = _group_params(src, bits, symmetric)
+            s, z = scales[:, k:k + 1], zeros[:, k:k + 1]
+            c = _encode(w1[:, i:i + 1], s, z, bits, symmetric)
+            codes[:, col] = c[:, 0]
+            wq = ((c - z) * s)[:, 0]
             e = (w1[:, i] - wq) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
-    return q.float()
+    return GroupedCodes(codes, scales, None if symmetric else zeros, bits, group, symmetric)
 
 
-def _quant_like(col: torch.Tensor, group_cols: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Quantize one column with the per-row scale of its group (computed from ``group_cols``)."""
-    tiny = 1e-12
+def _group_params(group_cols: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of one group: absmax / (2^(b-1)-1), or min/max (range including 0) with an
+    integer zero point. Scales are rounded to fp16, the precision they are stored in."""
+    tiny = 1e-5  # Q-DiT's scale floor
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = (group_cols.abs().amax(dim=1) / qmax).clamp_min(tiny)
-        return torch.clamp(torch.round(col / scale), -qmax - 1, qmax) * scale
+        scale = (group_cols.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).clamp_min(tiny)
+        return scale.half().double(), torch.zeros_like(scale)
     lo, hi = group_cols.amin(dim=1).clamp(max=0), group_cols.amax(dim=1).clamp(min=0)
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(tiny)
-    zero = torch.round(-lo / scale)
-    return (torch.clamp(torch.round(col / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(tiny).half().double()
+    return scale, torch.round(-lo / scale).clamp(0, 2 ** bits - 1)
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    if symmetric:
+        q = 2 ** (bits - 1)
+        return torch.clamp(torch.round(x / scale), -q, q - 1).long()
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1).long()

@@ -55,7 +55,7 @@ class SmoothQuantQuantizer(Quantizer):
     config_cls = SmoothQuantConfig
     needs_calibration = True
 
-    def prepare(self, layers: list[LayerRef]) -> None:
+    def prepare(self, layers: list[LayerRef], model=None) -> None:
         self.layers = layers
         self.collector = ActivationCollector(reservoir=self.config.reservoir, seed=self.config.seed).attach(layers)
 

@@ -15,6 +15,7 @@ from .tiny_text import t5_encoder, t5_tokenizer
 
 @register_model("cogvideox")
 class CogVideoXAdapter(DiffusersAdapter):
+    cfg_layout = "uncond_first"  # CFG concatenates [uncond; cond]
     modality = "video"
     roles = COGVIDEOX_ROLES
     default_name = "cogvideox_2b"

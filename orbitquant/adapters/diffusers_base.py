@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..types import LayerRef, Samples
+from ..calib import publish_calls
 from .base import ModelAdapter
 from .hf import resolve_checkpoint
 from .roles import RoleTable
@@ -30,6 +31,8 @@ class DiffusersAdapter(ModelAdapter):
     #: extra arguments of the one-step probe call (e.g. a few frames for video models)
     probe_kwargs: ClassVar[dict[str, Any]] = {"height": 256, "width": 256}
     tiny_probe_kwargs: ClassVar[dict[str, Any]] = {"height": 64, "width": 64}
+    #: how the pipeline runs classifier-free guidance (see ``calib.publish_calls``)
+    cfg_layout: ClassVar[str] = "cond_first"
 
     def __init__(self, name: str | None = None, repo_id: str | None = None, path: str | None = None,
                  download: bool = False, cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0) -> None:
@@ -72,17 +75,20 @@ class DiffusersAdapter(ModelAdapter):
         return (out.frames if self.modality == "video" else out.images).float().cpu() * 2 - 1
 
     def _sample_batches(self, pipe, n: int, batch_size: int, seed: int, call, progress: bool,
-                        desc: str) -> tuple[torch.Tensor, int]:
+                        desc: str, steps: int | None = None) -> tuple[torch.Tensor, int]:
         """Run ``call(start, stop, generators)`` over batches; sample k's noise comes from a generator seeded by
         (seed, k), so results do not depend on the batch size. Also counts denoiser forwards (the real cost of a
-        protocol: CFG doubles it, and Turbo models may differ from the step count)."""
+        protocol: CFG doubles it, and Turbo models may differ from the step count) and publishes each forward's
+        step and CFG halves to calibration collectors (``calib.publish_calls``)."""
         chunks, calls = [], [0]
-        hook = self.denoiser(pipe).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        denoiser = self.denoiser(pipe)
+        hook = denoiser.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         with hook, tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
                 gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
-                chunks.append(self._output(call(start, stop, gens)))
+                with publish_calls(denoiser, self.cfg_layout, rows=stop - start, n_steps=steps):
+                    chunks.append(self._output(call(start, stop, gens)))
                 bar.update(stop - start)
         return torch.cat(chunks), calls[0]
 
@@ -97,7 +103,7 @@ class DiffusersAdapter(ModelAdapter):
                         height=height, width=width, generator=gens, output_type="pt", **self._call_kwargs(pipe),
                         **extra)
 
-        images, forwards = self._sample_batches(pipe, len(items), batch_size, seed, call, progress, desc)
+        images, forwards = self._sample_batches(pipe, len(items), batch_size, seed, call, progress, desc, steps)
         return Samples(images=images, labels=torch.tensor([i for i, _ in items]),
                        meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed,
                              "denoiser_forwards": forwards})

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calib import denoiser_call
 from ..registry import register_model
 from ..types import LayerRef, Samples
 from .base import ModelAdapter
@@ -96,10 +97,12 @@ class DigitsPipeline:
                progress: tqdm | None = None) -> torch.Tensor:
         """Euler integration of the flow from t=1 (noise) to t=0; deterministic given ``noise``."""
         x = noise.clone()
+        halves = ("cond",) if guidance == 1.0 else ("cond", "uncond")  # velocity() batches [cond; uncond]
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for i in range(steps):
             t = ts[i].expand(len(x))
-            x = x - (ts[i] - ts[i + 1]) * self.velocity(x, t, labels, guidance)
+            with denoiser_call(i, halves, steps):  # tells calibration collectors the step and CFG layout
+                x = x - (ts[i] - ts[i + 1]) * self.velocity(x, t, labels, guidance)
             if progress is not None:
                 progress.update(1)
         return x

@@ -59,7 +59,7 @@ class DiTAdapter(DiffusersAdapter):
             return pipe(class_labels=labels[start:stop], guidance_scale=guidance, generator=gens,
                         num_inference_steps=steps, output_type="pt")
 
-        images, forwards = self._sample_batches(pipe, len(labels), batch_size, seed, call, progress, desc)
+        images, forwards = self._sample_batches(pipe, len(labels), batch_size, seed, call, progress, desc, steps)
         return Samples(images=images, labels=torch.tensor(labels),
                        meta={"classes": classes, "steps": steps, "guidance": guidance, "seed": seed,
                              "scheduler": type(pipe.scheduler).__name__, "denoiser_forwards": forwards})

@@ -12,6 +12,7 @@ from .tiny_text import clip_text_model, clip_tokenizer, t5_encoder, t5_tokenizer
 
 @register_model("flux")
 class FluxAdapter(DiffusersAdapter):
+    cfg_layout = "calls"  # true CFG (negative prompt, true_cfg_scale > 1) runs a separate forward after the conditional one
     roles = FLUX_ROLES
     default_name = "flux1_schnell"
     pipeline_cls = "FluxPipeline"

@@ -16,6 +16,7 @@ from .tiny_text import t5_encoder, t5_tokenizer
 
 @register_model("wan")
 class WanAdapter(DiffusersAdapter):
+    cfg_layout = "calls"  # CFG runs the conditional forward, then the unconditional one
     modality = "video"
     roles = WAN_ROLES
     default_name = "wan21"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from torch import nn
+
 from ..config import QuantConfig
 from ..nn import QuantLinear
 from ..rotation import Rotation, make_rotation
@@ -14,7 +16,9 @@ class Quantizer:
     """Turns each layer the policy assigns to the method into a ``QuantLinear`` replacement.
 
     Calibrated methods set ``needs_calibration`` and install observers in ``prepare``; the calibration
-    data then flows through the model between ``prepare`` and ``convert``.
+    sampler then runs, ``finish_calibration`` fits what it determines, and ``quantize_layer`` is called
+    layer by layer in model order, each replacement swapped in before the next call (so a method may
+    replay the model to see inputs produced by the already-quantized layers, as GPTQ does).
     """
 
     config_cls: ClassVar[type[QuantConfig]] = QuantConfig
@@ -25,8 +29,9 @@ class Quantizer:
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config = config
 
-    def prepare(self, layers: list[LayerRef]) -> None:
-        """Install observers (calibrated methods only); the calibration sampler runs next."""
+    def prepare(self, layers: list[LayerRef], model: nn.Module | None = None) -> None:
+        """Install observers (calibrated methods only); the calibration sampler runs next. ``layers`` are
+        the layers this method will quantize; ``model`` the module they belong to."""
 
     def finish_calibration(self) -> dict:
         """Remove observers and fit what the calibration determines; returns facts for the report."""

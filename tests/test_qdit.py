@@ -1,0 +1,114 @@
+"""Q-DiT (baselines/qdit): packed group weights, per-token x group activations, block-sequential GPTQ from
+quantized inputs, per-layer group maps, and its sanity envelope on the digits model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import orbitquant as oq
+from baselines.qdit import QDiTConfig, QDiTQuantizer
+from baselines.qdit.gptq import gptq_quantize, hessian, rtn_groups
+from orbitquant.adapters.digits import DigitsAdapter
+from orbitquant.nn import GroupActQuant, GroupUniformWeight
+from orbitquant.primitives import fake_quant_groups, fake_quant_uniform
+
+
+def test_group_activation_quant_is_per_token_per_group_with_a_ragged_tail():
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(0))
+    y = fake_quant_groups(x, 4, False, 32)
+    for g0 in range(0, 100, 32):  # groups 0-31, 32-63, 64-95, and the 4-wide tail 96-99
+        torch.testing.assert_close(y[..., g0:g0 + 32], fake_quant_uniform(x[..., g0:g0 + 32], 4, False, (-1,)))
+    torch.testing.assert_close(fake_quant_groups(x, 4, False, 0), fake_quant_uniform(x, 4, False, (-1,)))
+    # each (token, group) uses at most 2^b levels
+    assert all(len(torch.unique(y[0, 0, g0:g0 + 32])) <= 16 for g0 in range(0, 96, 32))
+    assert GroupActQuant(8, 32)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (3, 48, True), (2, 64, False), (8, 128, False)])
+def test_group_weight_store_packs_exactly_what_the_solver_chose(bits, group, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(24, 100, generator=g)
+    x = torch.randn(300, 100, generator=g)
+    q = gptq_quantize(w, hessian(x), bits, group, symmetric)
+    store = GroupUniformWeight(q)
+    torch.testing.assert_close(store.dequantize(), q.dequantize())
+    state_bytes = store.nbytes
+    n_groups = -(-100 // group)
+    assert state_bytes == -(-24 * 100 * bits // 8) + 24 * n_groups * 2 + (0 if symmetric else 24 * n_groups)
+    # the fp16 scales GPTQ compensated for are the stored ones: dequantizing from the store is exact
+    assert torch.equal(store.dequantize(), q.dequantize())
+
+
+def test_gptq_quantized_inputs_change_the_later_blocks_hessians():
+    """Block i's Hessian comes from the model with blocks < i already quantized (Q-DiT's sequential GPTQ)."""
+    a = DigitsAdapter()
+    pipe = a.build_tiny()
+    model = a.denoiser(pipe)
+    calib = dict(n_per_class=2, steps=8, guidance=2.0, batch_size=10, seed=5, progress=False)
+    q = QDiTQuantizer(QDiTConfig(w_bits=2, a_bits=3, n_calib=20, group_size=16))
+    layers = [r for r in a.layers(model) if r.role in ("attn.q", "attn.k", "attn.v", "attn.out", "ff.up", "ff.down")]
+    q.prepare(layers, model)
+    a.generate(pipe, **calib)
+    assert q.finish_calibration()["inputs_recorded"] == 20
+    last = [r for r in layers if r.block == 1]
+    q._collect_block(1)
+    h_fp = {r.fqn: q._hessians.pop(r.fqn) for r in last}
+    for ref in (r for r in layers if r.block == 0):  # quantize block 0 in place, as quantize_ does
+        parent, _, child = ref.fqn.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.quantize_layer(ref))
+    q._collect_block(1)
+    for r in last:
+        rel = (q._hessians[r.fqn] - h_fp[r.fqn]).norm() / h_fp[r.fqn].norm()
+        assert rel > 1e-3, (r.fqn, float(rel))  # W2A3 in block 0 visibly moves block 1's inputs
+
+
+def test_qdit_gptq_beats_group_rtn_and_w8a8_is_near_lossless():
+    a = DigitsAdapter()
+    errs = {}
+    for name, cfg in {"gptq": QDiTConfig(w_bits=3, a_bits=16, n_calib=40, group_size=32),
+                      "rtn": QDiTConfig(w_bits=3, a_bits=16, weights="rtn", group_size=32),
+                      "w8a8": QDiTConfig(w_bits=8, a_bits=8, n_calib=40)}.items():
+        pipe = a.build_tiny()
+        model = a.denoiser(pipe)
+        rep = oq.quantize_(model, cfg, a.layers(model), probe=lambda p=pipe: a.probe(p),
+                           calibrate=lambda p=pipe: a.generate(p, n_per_class=4, steps=8, guidance=2.0,
+                                                               batch_size=10, seed=9, progress=False))
+        errs[name] = rep.summary()["mean_rel_err"]
+        if name == "rtn":
+            assert rep.calibration == {}  # calibration-free variant
+    assert errs["gptq"] < 0.85 * errs["rtn"], errs
+    assert errs["w8a8"] < 0.02, errs
+
+
+def test_per_layer_group_map_and_config_errors(tmp_path):
+    a = DigitsAdapter()
+    pipe = a.build_tiny()
+    model = a.denoiser(pipe)
+    refs = a.layers(model)
+    q_ref = next(r for r in refs if r.role == "attn.q")
+    f = tmp_path / "groups.json"
+    f.write_text(json.dumps({"groups": {q_ref.fqn: 16}}))
+    rep = oq.quantize_(model, QDiTConfig(w_bits=4, a_bits=8, weights="rtn", groups=str(f)), refs)
+    by_fqn = {r.fqn: r.treatment for r in rep.layers}
+    assert by_fqn[q_ref.fqn] == "qdit w4a8 g16"
+    assert by_fqn[q_ref.fqn.replace("to_q", "to_k")] == "qdit w4a8 g48"  # group 128 > d = 48: per row
+    with pytest.raises(ValueError, match="qdit_search.py"):
+        QDiTConfig(groups=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="group_size"):
+        QDiTConfig(group_size=-1)
+    f.write_text(json.dumps({"groups": {"not.a.layer": 32}}))
+    model = a.denoiser(a.build_tiny())
+    with pytest.raises(ValueError, match="another model"):
+        oq.quantize_(model, QDiTConfig(weights="rtn", groups=str(f)), a.layers(model))
+
+
+def test_rtn_groups_matches_uniform_fake_quant_per_group():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    q = rtn_groups(w, 4, 32, symmetric=True).dequantize()
+    for g0 in (0, 32):
+        grp = w[:, g0:g0 + 32]
+        scale = (grp.abs().amax(1, keepdim=True) / 7).half().float()
+        torch.testing.assert_close(q[:, g0:g0 + 32], torch.clamp(torch.round(grp / scale), -8, 7) * scale)
