@@ -12,10 +12,11 @@ bounded statistics of what the denoiser and its linears see.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -168,14 +169,14 @@ class ActivationCollector:
             seen += len(x)
         st.reservoir, st.seen_for_reservoir = res, seen
 
-    def attach(self, layers: list[LayerRef]) -> "ActivationCollector":
+    def attach(self, layers: list[LayerRef]) -> ActivationCollector:
         for ref in layers:
             def hook(_mod, args, _out, fqn=ref.fqn):
                 self._observe(fqn, args[0])
             self._hooks.append(ref.module.register_forward_hook(hook))
         return self
 
-    def __enter__(self) -> "ActivationCollector":
+    def __enter__(self) -> ActivationCollector:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -266,7 +267,7 @@ class InputRecorder:
         self.records.append(Record(tuple(v for v, _ in taken_args), {key: v for key, (v, _) in taken_kw.items()},
                                    frozenset(batched), len(rows)))
 
-    def attach(self, denoiser: nn.Module) -> "InputRecorder":
+    def attach(self, denoiser: nn.Module) -> InputRecorder:
         self._handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 

@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codebook import Codebook
-from .primitives import (dequantize_groups, fake_quant_groups, fake_quant_uniform, pack_codes, qrange, quantize_groups,
-                         unpack_codes)
+from .primitives import (
+    dequantize_groups,
+    fake_quant_groups,
+    fake_quant_uniform,
+    pack_codes,
+    qrange,
+    quantize_groups,
+    unpack_codes,
+)
 from .rotation import Rotation
 
 
@@ -302,7 +309,7 @@ def uniform_act(bits: int, symmetric: bool, granularity: str = "token") -> ActQu
 
 
 # ------------------------------------------------------------------------------------------ QuantLinear
-def _refresh_after_load(module: "QuantLinear", _incompatible_keys) -> None:
+def _refresh_after_load(module: QuantLinear, _incompatible_keys) -> None:
     module.refresh()  # a module-level function (not a lambda) keeps quantized models picklable
 
 

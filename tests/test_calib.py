@@ -7,8 +7,15 @@ from __future__ import annotations
 import torch
 
 from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.calib import (ActivationCollector, DenoiserCall, InputRecorder, current_call, denoiser_call,
-                              publish_calls, split_halves)
+from orbitquant.calib import (
+    ActivationCollector,
+    DenoiserCall,
+    InputRecorder,
+    current_call,
+    denoiser_call,
+    publish_calls,
+    split_halves,
+)
 
 
 def _digits():
