@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> None:
 
     from orbitquant import quantize_
     from orbitquant.api import quantizer_for
+    from orbitquant.artifacts import calibration_path
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
     from orbitquant.generate import reference_key, reference_samples, save_samples
@@ -74,7 +75,7 @@ def main(cfg: DictConfig) -> None:
         calibrate = (lambda: adapter.generate(pipe, **c["calib"]["protocol"], seed=cfg.quant_seed + 10_000,
                                               progress=cfg.progress, desc="calibration")) if needs_calib else None
         report = quantize_(denoiser, qcfg, adapter.layers(denoiser), probe=lambda: adapter.probe(pipe),
-                           calibrate=calibrate)
+                           calibrate=calibrate, calibration_cache=calibration_path(cfg.cache_dir, c, adapter.fingerprint()))
         lap("quantize")
         samples = sample(f"{c['quant']['method']} {c['quant']['tag']}")
         files = save_samples(samples, run.samples_dir)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .artifacts import load_artifact, save_artifact
 from .config import QuantConfig, torch_dtype
 from .nn import GroupWeight, NoActQuant, QuantLinear
 from .primitives import relative_error
@@ -153,7 +155,8 @@ def layer_treatment(ref: LayerRef, config: QuantConfig) -> str:
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | None = None,
               probe: Callable[[], object] | None = None,
-              calibrate: Callable[[], object] | None = None) -> QuantReport:
+              calibrate: Callable[[], object] | None = None,
+              calibration_cache: str | Path | None = None) -> QuantReport:
     """Quantize ``model`` in place and report what was done.
 
     ``layers`` (from a model adapter) gives every ``nn.Linear`` with a role; without it every
@@ -163,7 +166,9 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     measured on the inputs it saw there (without a probe: on N(0, 1) inputs).
 
     ``calibrate`` runs the model's real sampler on calibration data; methods that need calibration
-    (``needs_calibration``) refuse to run without it.
+    (``needs_calibration``) refuse to run without it. ``calibration_cache`` is an artifact path: when it
+    holds a valid artifact the method restores it instead of calibrating; otherwise the method's
+    calibration products are written there for later runs (see ``artifacts.calibration_path``).
 
     Layers are converted one at a time and each replaced ``nn.Linear`` is moved to the meta device,
     so peak memory stays near one model copy plus one layer.
@@ -179,7 +184,10 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
         layers = _all_linears(model)
     _check_layers(model, layers)
     quantizer = quantizer_for(config)
-    if quantizer.needs_calibration and calibrate is None:
+    cache = Path(calibration_cache) if calibration_cache is not None and quantizer.needs_calibration else None
+    t_load = time.perf_counter()
+    cached = load_artifact(cache) if cache is not None else None
+    if quantizer.needs_calibration and calibrate is None and cached is None:
         raise ValueError(f"method {config.method!r} needs calibration data: pass calibrate= (a callable that runs "
                          "the model's sampler; run.py builds it from conf/calib/)")
     plan = {ref.fqn: layer_treatment(ref, config) for ref in layers}
@@ -211,7 +219,11 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
                 inputs[ref.fqn] = torch.randn(config.probe_tokens, w.shape[1], generator=g).to(w.device, w.dtype)
     quantizer.prepare([ref for ref in targets if plan[ref.fqn] == "method"], model)
     calibration = {}
-    if quantizer.needs_calibration:
+    if cached is not None:
+        facts = quantizer.load_calibration_state(*cached)
+        calibration = {**facts, "seconds_when_fitted": facts.get("seconds"), "cached": str(cache),
+                       "seconds": round(time.perf_counter() - t_load, 3)}
+    elif quantizer.needs_calibration:
         t_cal = time.perf_counter()
         calibrate()
         calibration = {**quantizer.finish_calibration(), "seconds": round(time.perf_counter() - t_cal, 3)}
@@ -236,6 +248,11 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
             _set_submodule(model, ref.fqn, new)
             m.to("meta")  # free the replaced weights now, even if the caller still holds ``layers``
         report.layers.append(rec)
+    if cache is not None and cached is None:
+        state = quantizer.calibration_state()
+        if state is not None:
+            save_artifact(cache, state[0], {**state[1], **calibration})
+            report.calibration["saved"] = str(cache)
     report.seconds = time.perf_counter() - t0
     report.peak_memory = _peak_memory()
     return report

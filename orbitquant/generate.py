@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .artifacts import cache_key
 from .types import Samples
 from .viz import save_gif, save_grid, save_mp4
 
@@ -41,9 +40,7 @@ def load_samples(path: Path) -> Samples:
 
 def reference_key(model_cfg: dict, protocol: dict, seed: int, fingerprint: str) -> str:
     """Cache key of the fp reference: model config, sampling protocol, seed and the weights' fingerprint."""
-    blob = json.dumps({"model": model_cfg, "protocol": protocol, "seed": seed, "weights": fingerprint},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return cache_key(model=model_cfg, protocol=protocol, seed=seed, weights=fingerprint)
 
 
 def reference_samples(generate, cache_dir: Path, key: str) -> tuple[Samples, bool]:

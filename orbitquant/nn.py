@@ -261,6 +261,21 @@ class GroupUniformWeight(WeightStore):
         self.register_buffer("scales", q.scales.to(torch.float16))
         self.register_buffer("zeros", torch.zeros(0, dtype=torch.uint8) if q.zeros is None else q.zeros.to(torch.uint8))
 
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], bits: int, group: int, symmetric: bool,
+                     shape: tuple[int, int]) -> GroupUniformWeight:
+        """Rebuild a store from its saved state (``codes``, ``scales``, ``zeros``), checking the sizes."""
+        self = cls.__new__(cls)
+        WeightStore.__init__(self)
+        self.bits, self.group, self.symmetric, self.shape = bits, group, symmetric, tuple(shape)
+        n_groups = -(-shape[1] // group)
+        if (buffers["codes"].numel() != -(-shape[0] * shape[1] * bits // 8)
+                or tuple(buffers["scales"].shape) != (shape[0], n_groups)):
+            raise ValueError(f"saved group weights do not fit shape {shape} at {bits} bits, group {group}")
+        for k in ("codes", "scales", "zeros"):
+            self.register_buffer(k, buffers[k])
+        return self
+
     def dequantize(self) -> torch.Tensor:
         lo_q, _ = qrange(self.bits, self.symmetric)
         n = self.shape[0] * self.shape[1]

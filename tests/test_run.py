@@ -103,3 +103,16 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, args, needle):
     p = _run(["eval=smoke", *args], tmp_path, check=False)
     assert p.returncode != 0
     assert needle in p.stdout + p.stderr
+
+
+def test_calibrated_run_writes_and_then_reuses_its_calibration_artifact(tmp_path):
+    args = ["eval=smoke", "quant=qdit", "w_bits=4", "a_bits=8", "quant.n_calib=16"]
+    _run(args, tmp_path)
+    path = tmp_path / "runs/digits/qdit/w4a8-g128/smoke/q0-s0/results.json"
+    first = json.loads(path.read_text())
+    cal = first["quant_report"]["summary"]["calibration"]
+    assert cal["inputs_recorded"] == 16 and Path(cal["saved"]).is_file()
+    _run([*args, "overwrite=true"], tmp_path)
+    second = json.loads(path.read_text())
+    assert second["quant_report"]["summary"]["calibration"]["cached"] == cal["saved"]
+    assert second["metrics"] == first["metrics"]  # same artifact, same samples

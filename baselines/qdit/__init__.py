@@ -92,6 +92,8 @@ class QDiTQuantizer(Quantizer):
         super().__init__(config)
         self._groups = load_groups(config.groups) if config.groups else {}
         self._hessians: dict[str, torch.Tensor] = {}
+        self._stores: dict[str, GroupUniformWeight] = {}  # GPTQ results, for the calibration artifact
+        self._cached: dict[str, dict[str, torch.Tensor]] = {}
         self.recorder: InputRecorder | None = None
 
     @property
@@ -171,11 +173,30 @@ class QDiTQuantizer(Quantizer):
             store = DenseWeight(m.weight)
         elif c.weights == "rtn":
             store = GroupUniformWeight(rtn_groups(m.weight, c.w_bits, g, c.w_symmetric))
+        elif ref.fqn in self._cached:
+            store = GroupUniformWeight.from_buffers(self._cached.pop(ref.fqn), c.w_bits, g, c.w_symmetric,
+                                                    tuple(m.weight.shape)).to(m.weight.device)
         else:
             if ref.fqn not in self._hessians:
                 self._collect_block(ref.block)
             h = self._hessians.pop(ref.fqn)
             store = GroupUniformWeight(gptq_quantize(m.weight, h, c.w_bits, g, c.w_symmetric, c.blocksize, c.percdamp))
+            self._stores[ref.fqn] = store
         act = NoActQuant() if c.a_bits == 16 else GroupActQuant(c.a_bits, g, c.a_symmetric)
         return QuantLinear(store, m.bias, act, compute_dtype=m.weight.dtype, name=ref.fqn,
                            treatment=f"qdit w{c.w_bits}a{c.a_bits} g{g}")
+
+    def calibration_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        if not self._stores:
+            return None
+        tensors = {f"{fqn}.{k}": v for fqn, st in self._stores.items() for k, v in st.state_dict().items()}
+        return tensors, {"layers": len(self._stores)}
+
+    def load_calibration_state(self, tensors: dict[str, torch.Tensor], info: dict) -> dict:
+        self.recorder.detach()
+        for ref in self.layers:
+            bufs = {k: tensors.get(f"{ref.fqn}.{k}") for k in ("codes", "scales", "zeros")}
+            if any(v is None for v in bufs.values()):
+                raise ValueError(f"calibration artifact lacks {ref.fqn}; delete it to recalibrate")
+            self._cached[ref.fqn] = bufs
+        return info

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from orbitquant.calib import ActivationCollector
 from orbitquant.config import QuantConfig
 from orbitquant.methods.base import Quantizer
@@ -65,6 +67,7 @@ class SmoothQuantQuantizer(Quantizer):
         missing = [r.fqn for r in self.layers if r.fqn not in stats]
         if missing:
             raise RuntimeError(f"calibration never reached {len(missing)} layers, e.g. {missing[:3]}")
+        self.absmax = {fqn: st.absmax for fqn, st in stats.items()}
         c: SmoothQuantConfig = self.config
         if c.alpha is not None:
             self.alpha, errors = c.alpha, {}
@@ -84,7 +87,7 @@ class SmoothQuantQuantizer(Quantizer):
     def _build(self, ref: LayerRef, alpha: float) -> QuantLinear:
         c: SmoothQuantConfig = self.config
         m = ref.module
-        a = self.collector.stats[ref.fqn].absmax.to(m.weight.device)
+        a = self.absmax[ref.fqn].to(m.weight.device)
         w = m.weight.detach().float()
         s = (a.clamp_min(1e-5) ** alpha / w.abs().amax(dim=0).clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
         w_s = w * s  # column j scaled up by s_j; the input channel j is divided by s_j online
@@ -96,3 +99,15 @@ class SmoothQuantQuantizer(Quantizer):
 
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         return self._build(ref, self.alpha)
+
+    def calibration_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {f"absmax.{fqn}": a for fqn, a in self.absmax.items()}, {"alpha": self.alpha}
+
+    def load_calibration_state(self, tensors: dict[str, torch.Tensor], info: dict) -> dict:
+        self.collector.__exit__()
+        self.absmax = {k.removeprefix("absmax."): v for k, v in tensors.items()}
+        missing = [r.fqn for r in self.layers if r.fqn not in self.absmax]
+        if missing:
+            raise ValueError(f"calibration artifact lacks {len(missing)} layers, e.g. {missing[:3]}; delete it")
+        self.alpha = info["alpha"]
+        return info

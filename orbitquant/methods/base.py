@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..config import QuantConfig
@@ -36,6 +37,16 @@ class Quantizer:
     def finish_calibration(self) -> dict:
         """Remove observers and fit what the calibration determines; returns facts for the report."""
         return {}
+
+    def calibration_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """What calibration produced, as (tensors, JSON facts), for the artifact cache; called after every
+        layer is quantized. None: nothing to cache."""
+        return None
+
+    def load_calibration_state(self, tensors: dict[str, torch.Tensor], info: dict) -> dict:
+        """Restore a cached :meth:`calibration_state` instead of calibrating (after ``prepare``, which may
+        have installed observers: remove them). Returns the facts for the report."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore a calibration artifact")
 
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         """The replacement for one layer; ``quantize_`` calls it layer by layer and swaps each in at once,
