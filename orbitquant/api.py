@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -269,3 +271,15 @@ def _peak_memory() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
+
+
+@contextmanager
+def quantized(model: nn.Module, config: QuantConfig, layers: list[LayerRef], **kwargs) -> Iterator[QuantReport]:
+    """Quantize ``model`` in place for the duration of the block, then put the original layers back
+    (for searches that score many quantized variants of one model; costs one copy of the linears)."""
+    originals = {ref.fqn: copy.deepcopy(ref.module) for ref in layers}
+    try:
+        yield quantize_(model, config, layers, **kwargs)
+    finally:
+        for fqn, module in originals.items():
+            _set_submodule(model, fqn, module)

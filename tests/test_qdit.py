@@ -112,3 +112,44 @@ def test_rtn_groups_matches_uniform_fake_quant_per_group():
         grp = w[:, g0:g0 + 32]
         scale = (grp.abs().amax(1, keepdim=True) / 7).half().float()
         torch.testing.assert_close(q[:, g0:g0 + 32], torch.clamp(torch.round(grp / scale), -8, 7) * scale)
+
+
+def test_evolutionary_search_improves_on_the_preset_within_budget_and_constraint():
+    from baselines.qdit.search import SearchConfig, evolve
+
+    target = (32, 288, 64, 192, 288, 128, 32, 288)  # mean 164: legal
+
+    def fitness(g):
+        return sum(abs(a - b) for a, b in zip(g, target))
+
+    cfg = SearchConfig(population=12, select=4, mutations=6, crossovers=6, epochs=8, seed=1)
+    res = evolve(len(target), fitness, cfg, progress=False)
+    assert res.history[0] == ((128,) * 8, fitness((128,) * 8))  # the all-128 preset is evaluated first
+    assert res.best_fitness < 0.5 * res.history[0][1]
+    assert all(sum(g) / len(g) >= 128 for g, _ in res.history)  # the mean-group constraint always holds
+    assert len({g for g, _ in res.history}) == len(res.history)  # no genome is scored twice
+    assert evolve(len(target), fitness, cfg, progress=False).history == res.history  # seeded
+    capped = evolve(len(target), fitness, SearchConfig(budget=5, seed=1), progress=False)
+    assert len(capped.history) == 5
+    with pytest.raises(ValueError, match="min_mean_group"):
+        SearchConfig(space=(32, 64), min_mean_group=128)
+
+
+def test_search_script_writes_a_group_map_that_run_py_accepts(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "scripts/qdit_search.py", "search.budget=3", "search.population=2",
+                        "search.protocol.n_per_class=1", "search.protocol.steps=4", f"cache_dir={tmp_path}",
+                        "progress=false"], cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "qdit_search/digits-w4a8-q0"
+    data = json.loads((out / "groups.json").read_text())
+    assert data["evaluations"] == 3 and len(data["groups"]) == 48 and (out / "search.png").is_file()
+    assert data["fitness"] == min(h["fitness"] for h in data["history"])
+    assert f"quant.groups={out / 'groups.json'}" in p.stdout
+    QDiTConfig(groups=str(out / "groups.json"))  # loads

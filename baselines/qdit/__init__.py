@@ -47,7 +47,7 @@ GROUP_SPACE = (32, 64, 128, 192, 288)
 class QDiTConfig(QuantConfig):
     method: ClassVar[str] = "qdit"
     group_size: int = 128          # tied weight / activation input-channel group; 0 = per row / per token
-    groups: str | None = None      # JSON {layer fqn: group} from scripts/qdit_search.py; overrides group_size
+    groups: str | dict | None = None  # {layer fqn: group}, or a JSON file of it from scripts/qdit_search.py
     weights: str = "gptq"          # gptq | rtn
     w_symmetric: bool = False
     a_symmetric: bool = False
@@ -64,9 +64,11 @@ class QDiTConfig(QuantConfig):
             raise ValueError(f"group_size must be >= 0 (0 = per row / per token), got {self.group_size}")
         if self.weights not in ("gptq", "rtn"):
             raise ValueError(f"weights must be 'gptq' or 'rtn', got {self.weights!r}")
-        if self.groups is not None and not Path(self.groups).is_file():
+        if isinstance(self.groups, str) and not Path(self.groups).is_file():
             raise ValueError(f"groups file {self.groups!r} not found; write one with scripts/qdit_search.py "
                              "or set groups=null to use group_size")
+        if isinstance(self.groups, dict) and not all(isinstance(g, int) and g >= 0 for g in self.groups.values()):
+            raise ValueError("groups must map layer names to non-negative integer group sizes")
         if self.n_calib < 1 or self.replay_batch < 1 or self.blocksize < 1 or not 0 <= self.percdamp < 1:
             raise ValueError("n_calib, replay_batch and blocksize must be >= 1 and percdamp in [0, 1)")
 
@@ -90,7 +92,7 @@ class QDiTQuantizer(Quantizer):
 
     def __init__(self, config: QDiTConfig) -> None:
         super().__init__(config)
-        self._groups = load_groups(config.groups) if config.groups else {}
+        self._groups = load_groups(config.groups) if isinstance(config.groups, str) else dict(config.groups or {})
         self._hessians: dict[str, torch.Tensor] = {}
         self._stores: dict[str, GroupUniformWeight] = {}  # GPTQ results, for the calibration artifact
         self._cached: dict[str, dict[str, torch.Tensor]] = {}
