@@ -62,3 +62,41 @@ def mean_std_table(df: pd.DataFrame, metrics: list[str] | None = None, by: tuple
     table["runs"] = stats.groupby(list(by))["count"].max()
     cols = [m for m in (metrics or sorted(df["metric"].unique())) if m in table.columns] + ["runs"]
     return table[cols]
+
+
+def _calib_amount(cal: dict) -> str:
+    if "inputs_recorded" in cal:
+        return f"{cal['inputs_recorded']} denoiser inputs"
+    if "tokens_per_layer" in cal:
+        return f"{cal['tokens_per_layer']} tokens/layer"
+    return "-"
+
+
+def load_costs(root: str | Path = "results/runs") -> pd.DataFrame:
+    """One row per run: quantization wall time and what calibration cost (seconds when fitted, inputs used)."""
+    rows = []
+    for p in sorted(Path(root).glob("**/results.json")):
+        r = json.loads(p.read_text())
+        c, q = r["config"], r["quant_report"]["summary"]
+        cal = q.get("calibration") or {}
+        rows.append({"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
+                     "eval": c["eval"]["name"], "seed": c["seed"],
+                     "quantize_s": q["seconds"],
+                     "calibration_s": cal.get("seconds_when_fitted", cal.get("seconds", 0.0)) if cal else 0.0,
+                     "calib_cached": "cached" in cal,
+                     "calib_inputs": _calib_amount(cal),
+                     "calib_protocol": c["calib"]["name"] if cal else "-"})
+    return pd.DataFrame(rows)
+
+
+def cost_table(df: pd.DataFrame, by: tuple[str, ...] = ("model", "method", "tag")) -> pd.DataFrame:
+    """Mean quantization time (including calibration) and calibration time per setting, side by side."""
+    g = df.groupby(list(by))
+    out = pd.DataFrame({
+        "quantize s (incl. calibration)": g["quantize_s"].mean().round(2),
+        "calibration s": g["calibration_s"].mean().round(2),
+        "calibration data": g["calib_inputs"].first(),
+        "calib protocol": g["calib_protocol"].first(),
+        "runs": g.size(),
+    })
+    return out

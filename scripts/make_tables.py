@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.tables import load_results, mean_std_table  # noqa: E402
+from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +41,14 @@ def main() -> None:
         args.out.write_text(md + "\n")
         table.to_csv(args.out.with_suffix(".csv"))
         print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
+    costs = load_costs(args.root)
+    costs = costs[costs["model"].isin(df["model"].unique()) & costs["eval"].isin(df["eval"].unique())]
+    cost_md = cost_table(costs).reset_index().to_markdown(index=False)
+    print("\nquantization cost (CPU wall seconds per run, mean over runs):\n" + cost_md)
+    if args.out:
+        cost_path = args.out.with_name(args.out.stem + "_cost.md")
+        cost_path.write_text(cost_md + "\n")
+        print(f"wrote {cost_path}")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,27 @@ def test_rundir_guard_leaves_error_marker(tmp_path):
             raise RuntimeError("boom")
     assert "boom" in (tmp_path / "r/.ERROR").read_text()
     assert not (tmp_path / "r/.RUNNING").exists() and not run.done()
+
+
+def test_cost_table_puts_calibration_beside_quantization_time(tmp_path):
+    import json
+
+    from orbitquant.tables import cost_table, load_costs
+
+    def write(method, tag, seed, seconds, cal):
+        d = tmp_path / f"digits/{method}/{tag}/digits/q{seed}-s{seed}"
+        d.mkdir(parents=True)
+        cfg = {"model": {"name": "digits"}, "quant": {"method": method, "tag": tag}, "eval": {"name": "digits"},
+               "calib": {"name": "digits_qdit"}, "seed": seed, "quant_seed": seed}
+        (d / "results.json").write_text(json.dumps({"config": cfg, "quant_report": {
+            "summary": {"seconds": seconds, "calibration": cal}}}))
+
+    write("orbit", "w4a4", 0, 0.3, {})
+    write("qdit", "w4a4-g128", 0, 20.0, {"inputs_recorded": 256, "seconds": 17.0})
+    write("qdit", "w4a4-g128", 1, 4.0, {"inputs_recorded": 256, "seconds": 0.1, "seconds_when_fitted": 19.0,
+                                        "cached": "x"})
+    t = cost_table(load_costs(tmp_path)).reset_index().set_index("method")
+    assert t.loc["orbit", "calibration s"] == 0 and t.loc["orbit", "calibration data"] == "-"
+    assert t.loc["qdit", "calibration s"] == 18.0  # a cached run reports what fitting cost, not the load
+    assert t.loc["qdit", "quantize s (incl. calibration)"] == 12.0 and t.loc["qdit", "runs"] == 2
+    assert t.loc["qdit", "calibration data"] == "256 denoiser inputs"
