@@ -1,8 +1,45 @@
-"""Data shipped with installed packages (no downloads): the 8x8 digits of scikit-learn."""
+"""Data shipped with installed packages (no downloads): the 8x8 digits of scikit-learn; prompt lists."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_prompts(src: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Prompts from a list, or from a file: ``.txt`` (one per line; blank lines and ``#`` comments
+    skipped) or ``.json`` (a list of strings). A relative path is tried from the working directory, then
+    from the repository root (so ``orbitquant/assets/prompts/...`` works from anywhere)."""
+    if isinstance(src, (list, tuple)):
+        prompts = list(src)
+        where = "the prompts list"
+    else:
+        path = Path(src)
+        if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
+            path = REPO / path
+        if not path.is_file():
+            raise ValueError(f"prompt file {src!r} not found (give a .txt with one prompt per line, a .json list, "
+                             "or an inline list)")
+        where = f"prompt file {str(path)!r}"
+        if path.suffix == ".json":
+            try:
+                prompts = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON: {e}") from None
+            if not isinstance(prompts, list):
+                raise ValueError(f"{where} must hold a JSON list of strings")
+        else:
+            lines = (ln.strip() for ln in path.read_text().splitlines())
+            prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+    if bad or not prompts:
+        raise ValueError(f"{where} " + ("is empty" if not prompts else f"has {len(bad)} empty or non-string "
+                                        f"prompts, e.g. {bad[0]!r}"))
+    return prompts
 
 
 def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:

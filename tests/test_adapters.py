@@ -100,3 +100,23 @@ def test_shipped_weights_load_and_missing_weights_error(tmp_path):
         assert "train_digits.py" in str(e)
     else:
         raise AssertionError("missing weights must raise")
+
+
+def test_prompt_files_load_and_bad_ones_fail_with_the_fix(tmp_path):
+    import pytest
+
+    from orbitquant.data import load_prompts
+
+    shipped = load_prompts("orbitquant/assets/prompts/calib_coco_style.txt")
+    assert len(shipped) == 64 and all(p.endswith(".") for p in shipped)
+    (tmp_path / "p.txt").write_text("# comment\n\na cat\n  a dog  \n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    (tmp_path / "p.json").write_text('["x", "y"]')
+    assert load_prompts(str(tmp_path / "p.json")) == ["x", "y"]
+    for content, name, needle in (("# only comments\n", "e.txt", "is empty"), ("{bad", "b.json", "not valid JSON"),
+                                  ('["ok", ""]', "c.json", "empty or non-string")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=needle):
+            load_prompts(str(tmp_path / name))
+    with pytest.raises(ValueError, match="not found"):
+        load_prompts("nope.txt")

@@ -116,3 +116,24 @@ def test_calibrated_run_writes_and_then_reuses_its_calibration_artifact(tmp_path
     second = json.loads(path.read_text())
     assert second["quant_report"]["summary"]["calibration"]["cached"] == cal["saved"]
     assert second["metrics"] == first["metrics"]  # same artifact, same samples
+
+
+@pytest.mark.parametrize("calib", _options("calib"))
+def test_every_calib_protocol_fits_some_model_and_loads_its_prompts(calib):
+    from orbitquant.registry import MODELS
+
+    protocol = OmegaConf.to_container(_compose([f"calib={calib}"]).calib, resolve=True)["protocol"]
+    fits = []
+    for model in _options("model"):
+        adapter = build_adapter(OmegaConf.to_container(_compose([f"model={model}"]).model, resolve=True))
+        try:
+            adapter.check_protocol(protocol, f"calib={calib}")
+            fits.append(model)
+        except ValueError:
+            pass
+    assert fits, f"calib={calib} fits no model ({', '.join(MODELS.names())})"
+
+
+def test_calibrated_method_with_a_mismatched_calib_protocol_names_conf_calib(tmp_path):
+    p = _run(["eval=smoke", "quant=smoothquant", "calib=t2i_smoke"], tmp_path, check=False)
+    assert p.returncode != 0 and "conf/calib/" in p.stdout + p.stderr

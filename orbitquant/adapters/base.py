@@ -57,7 +57,9 @@ class ModelAdapter(ABC):
                 f"eval={eval_name} does not fit model={self.name} ({self.modality}): "
                 + (f"missing {sorted(missing)} " if missing else "")
                 + (f"unexpected {sorted(unknown)} " if unknown else "")
-                + "- pick an eval protocol made for this model family (conf/eval/)")
+                + ("- pick a calib protocol made for this model family (conf/calib/)"
+                   if eval_name.startswith("calib=") else
+                   "- pick an eval protocol made for this model family (conf/eval/)"))
 
     def fingerprint(self) -> str:
         """Identifies the loaded weights (keys caches of fp reference samples)."""

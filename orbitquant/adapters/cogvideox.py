@@ -28,8 +28,12 @@ class CogVideoXAdapter(DiffusersAdapter):
 
     def build_tiny(self, seed: int = 0):
         """A random-init CogVideoXPipeline (2 blocks, hidden 32, tiny T5 and 3-D VAE); CPU, no hub."""
-        from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                               CogVideoXTransformer3DModel)
+        from diffusers import (
+            AutoencoderKLCogVideoX,
+            CogVideoXDDIMScheduler,
+            CogVideoXPipeline,
+            CogVideoXTransformer3DModel,
+        )
 
         torch.manual_seed(seed)
         transformer = CogVideoXTransformer3DModel(

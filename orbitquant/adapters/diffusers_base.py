@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..types import LayerRef, Samples
 from ..calib import publish_calls
+from ..data import load_prompts
+from ..types import LayerRef, Samples
 from .base import ModelAdapter
 from .hf import resolve_checkpoint
 from .roles import RoleTable
@@ -92,10 +93,19 @@ class DiffusersAdapter(ModelAdapter):
                 bar.update(stop - start)
         return torch.cat(chunks), calls[0]
 
-    def generate(self, pipe, *, prompts: list[str], n_per_prompt: int = 1, steps: int, guidance: float,
+    def check_protocol(self, protocol: dict, eval_name: str = "") -> None:
+        super().check_protocol(protocol, eval_name)
+        if "prompts" in protocol:
+            try:
+                load_prompts(protocol["prompts"])
+            except ValueError as e:
+                raise ValueError(f"{eval_name}: {e}") from None
+
+    def generate(self, pipe, *, prompts: list[str] | str, n_per_prompt: int = 1, steps: int, guidance: float,
                  height: int, width: int, batch_size: int, seed: int, progress: bool = True,
                  desc: str = "sampling", **extra: Any) -> Samples:
-        """``n_per_prompt`` images (or videos) for every prompt."""
+        """``n_per_prompt`` images (or videos) for every prompt (``prompts``: a list or a prompt file)."""
+        prompts = load_prompts(prompts)
         items = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
 
         def call(start, stop, gens):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import string
 
-WORDS = ("a photo of the cat dog red blue green car tree house on in with small big sky sea "
-         "person bird flower city night day painting").split()
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "car", "tree", "house", "on", "in", "with", "small", "big", "sky", "sea", "person", "bird", "flower", "city", "night", "day", "painting"]
 
 
 def clip_tokenizer(max_length: int = 77):
