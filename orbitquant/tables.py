@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -35,33 +36,75 @@ def format_summary(results: dict, path: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def _bits_label(quant: dict) -> str:
+    if quant["method"] == "fp":
+        return "fp"
+    return f"W{quant.get('w_bits', 16)}A{quant.get('a_bits', 16)}"
+
+
 def load_results(root: str | Path = "results/runs") -> pd.DataFrame:
-    """One row per (run, metric): id columns, metric, value, higher_is_better, n, reference value."""
+    """One row per (run, metric): id columns, bits label (``W4A8``; ``fp``), metric, value, direction, n,
+    the fp reference value and the file it came from."""
     rows = []
     for p in sorted(Path(root).glob("**/results.json")):
         r = json.loads(p.read_text())
         c = r["config"]
         ids = {"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
-               "eval": c["eval"]["name"], "quant_seed": c["quant_seed"], "seed": c["seed"]}
+               "bits": _bits_label(c["quant"]), "eval": c["eval"]["name"], "quant_seed": c["quant_seed"],
+               "seed": c["seed"]}
         for name, m in r["metrics"].items():
             rows.append({**ids, "metric": name, "value": _num(m["value"]), "higher_is_better": m["higher_is_better"],
                          "n": m["n"], "reference": _num(r["reference_metrics"][name]["value"]), "path": str(p)})
     return pd.DataFrame(rows)
 
 
-def mean_std_table(df: pd.DataFrame, metrics: list[str] | None = None, by: tuple[str, ...] = ("model", "method", "tag"),
-                   decimals: int = 3) -> pd.DataFrame:
-    """Mean ± std over seeds, one row per setting, one column per metric (with the number of runs)."""
+def _bits_order(label: str) -> tuple[int, int]:
+    """fp first, then higher weight bits, then higher activation bits."""
+    if label == "fp":
+        return (-1, 0)
+    w, a = label[1:].split("A")
+    return (-int(w) + 100, -int(a))
+
+
+def mean_std_table(df: pd.DataFrame, metrics: list[str] | None = None,
+                   by: tuple[str, ...] = ("model", "bits", "method", "tag"), decimals: int = 3,
+                   bold: bool = True) -> pd.DataFrame:
+    """Mean ± std over seeds, one row per setting, one column per metric, plus the number of runs.
+
+    With ``bold``, the best mean of each metric (by its direction) among the quantized rows of the same
+    (model, bits) is wrapped in ``**`` (fp rows are the reference and never compete).
+    """
     if metrics is not None:
         df = df[df["metric"].isin(metrics)]
-    g = df.groupby([*by, "metric"])["value"]
-    stats = g.agg(["mean", "std", "count"]).reset_index()
+    stats = df.groupby([*by, "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+    hib = df.groupby("metric")["higher_is_better"].first()
     stats["cell"] = stats.apply(
         lambda r: f"{r['mean']:.{decimals}f} ± {0.0 if pd.isna(r['std']) else r['std']:.{decimals}f}", axis=1)
+    if bold and "bits" in by:
+        group = [k for k in by if k in ("model", "bits", "eval")] + ["metric"]
+        quant = stats[stats["bits"] != "fp"]
+        for _, g in quant.groupby(group):
+            if len(g) < 2:
+                continue
+            m = g["mean"].round(decimals)
+            best = m.max() if hib[g["metric"].iloc[0]] else m.min()
+            for i in g.index[m == best]:
+                stats.loc[i, "cell"] = f"**{stats.loc[i, 'cell']}**"
     table = stats.pivot(index=list(by), columns="metric", values="cell")
     table["runs"] = stats.groupby(list(by))["count"].max()
+    if "bits" in by:
+        table = table.sort_index(key=lambda idx: idx.map(_bits_order) if idx.name == "bits" else idx)
     cols = [m for m in (metrics or sorted(df["metric"].unique())) if m in table.columns] + ["runs"]
     return table[cols]
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs LaTeX table of :func:`mean_std_table` output (bold cells as ``\\textbf``)."""
+    t = table.reset_index().astype(str)
+    t = t.map(lambda v: re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", v.replace("±", "$\\pm$").replace("_", "\\_")))
+    t.columns = [str(c).replace("_", "\\_").replace("↑", "$\\uparrow$").replace("↓", "$\\downarrow$")
+                 for c in t.columns]
+    return t.to_latex(index=False, escape=False)
 
 
 def _calib_amount(cal: dict) -> str:
@@ -81,7 +124,7 @@ def load_costs(root: str | Path = "results/runs") -> pd.DataFrame:
         cal = q.get("calibration") or {}
         rows.append({"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
                      "eval": c["eval"]["name"], "seed": c["seed"],
-                     "quantize_s": q["seconds"],
+                     "quantize_s": q.get("seconds"),
                      "calibration_s": cal.get("seconds_when_fitted", cal.get("seconds", 0.0)) if cal else 0.0,
                      "calib_cached": "cached" in cal,
                      "calib_inputs": _calib_amount(cal),

@@ -1,7 +1,10 @@
 """Aggregate results/runs/**/results.json into mean ± std tables over seeds.
 
     python scripts/make_tables.py                       # all runs, all metrics -> stdout
-    python scripts/make_tables.py --model digits --eval digits --out results/tables/digits.md
+    python scripts/make_tables.py --model digits --eval digits --out results/tables/digits.md   # + .csv, .tex
+
+Rows are (model, bits, method, tag); cells are mean ± std over seeds; the best mean of each metric among
+the quantized rows of the same (model, bits) is bold. Mixing eval protocols in one table is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table  # noqa: E402
+from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table, to_latex  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +34,12 @@ def main() -> None:
         df = df[df["model"].isin(args.model)]
     if args.eval:
         df = df[df["eval"].isin(args.eval)]
-    table = mean_std_table(df, args.metrics, by=("model", "method", "tag"), decimals=args.decimals)
+    if df.empty:
+        sys.exit("no results match --model/--eval")
+    evals = sorted(df["eval"].unique())
+    if len(evals) > 1:  # numbers from different protocols are not comparable in one table
+        sys.exit(f"results mix eval protocols {evals}; pick one with --eval")
+    table = mean_std_table(df, args.metrics, decimals=args.decimals)
     arrows = {m: ("↑" if hib else "↓") for m, hib in df.groupby("metric")["higher_is_better"].first().items()}
     table = table.rename(columns={m: f"{m} {arrows[m]}" for m in table.columns if m in arrows})
     md = table.reset_index().to_markdown(index=False)
@@ -40,7 +48,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(md + "\n")
         table.to_csv(args.out.with_suffix(".csv"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
+        args.out.with_suffix(".tex").write_text(to_latex(table))
+        print(f"wrote {args.out} (+ .csv, .tex); bold = best mean per (model, bits) by the metric's direction")
     costs = load_costs(args.root)
     costs = costs[costs["model"].isin(df["model"].unique()) & costs["eval"].isin(df["eval"].unique())]
     cost_md = cost_table(costs).reset_index().to_markdown(index=False)

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from orbitquant.rundir import RunDir
-from orbitquant.tables import format_summary, load_results, mean_std_table
+from orbitquant.tables import format_summary, load_results, mean_std_table, to_latex
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fake_result(root: Path, method: str, seed: int, psnr: float) -> None:
-    cfg = {"model": {"name": "digits"}, "quant": {"method": method, "tag": "w4a4"}, "eval": {"name": "digits"},
+    cfg = {"model": {"name": "digits"}, "quant": {"method": method, "tag": "w4a4", "w_bits": 4, "a_bits": 4},
+           "eval": {"name": "digits"},
            "seed": seed, "quant_seed": seed}
     metrics = {"psnr_vs_fp": {"value": psnr, "higher_is_better": True, "n": 500}}
     ref = {"psnr_vs_fp": {"value": float("inf"), "higher_is_better": True, "n": 500}}
@@ -31,10 +32,16 @@ def test_mean_std_over_seeds(tmp_path):
     _fake_result(tmp_path, "rtn", 0, 15.0)
     df = load_results(tmp_path)
     assert len(df) == 4 and df["reference"].iloc[0] == float("inf")
-    table = mean_std_table(df, ["psnr_vs_fp"])
+    table = mean_std_table(df, ["psnr_vs_fp"], by=("model", "method", "tag"))
     assert table.loc[("digits", "orbit", "w4a4"), "psnr_vs_fp"] == "22.000 ± 2.000"
     assert table.loc[("digits", "orbit", "w4a4"), "runs"] == 3
     assert table.loc[("digits", "rtn", "w4a4"), "psnr_vs_fp"] == "15.000 ± 0.000"
+    # by bits (the default): the best quantized mean of each (model, bits) is bold, by the metric's direction
+    table = mean_std_table(df, ["psnr_vs_fp"])
+    assert table.loc[("digits", "W4A4", "orbit", "w4a4"), "psnr_vs_fp"] == "**22.000 ± 2.000**"
+    assert table.loc[("digits", "W4A4", "rtn", "w4a4"), "psnr_vs_fp"] == "15.000 ± 0.000"
+    tex = to_latex(table)
+    assert "\\textbf{22.000 $\\pm$ 2.000}" in tex and "\\toprule" in tex
 
 
 def test_results_json_is_strict_json_and_summary_prints(tmp_path):
@@ -90,3 +97,21 @@ def test_cost_table_puts_calibration_beside_quantization_time(tmp_path):
     assert t.loc["qdit", "calibration s"] == 18.0  # a cached run reports what fitting cost, not the load
     assert t.loc["qdit", "quantize s (incl. calibration)"] == 12.0 and t.loc["qdit", "runs"] == 2
     assert t.loc["qdit", "calibration data"] == "256 denoiser inputs"
+
+
+def test_make_tables_refuses_to_mix_eval_protocols_and_writes_md_csv_tex(tmp_path):
+    import subprocess
+    import sys
+
+    for seed, v in enumerate([20.0, 22.0]):
+        _fake_result(tmp_path, "orbit", seed, v)
+    other = json.loads(next(tmp_path.glob("**/results.json")).read_text())
+    other["config"]["eval"]["name"] = "smoke"
+    RunDir(tmp_path / "digits/orbit/w4a4/smoke/q0-s0").write_results(other)
+    script = [sys.executable, str(ROOT / "scripts/make_tables.py"), "--root", str(tmp_path)]
+    p = subprocess.run(script, capture_output=True, text=True)
+    assert p.returncode != 0 and "mix eval protocols" in p.stderr
+    out = tmp_path / "t.md"
+    p = subprocess.run([*script, "--eval", "digits", "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "21.000 ± 1.414" in out.read_text() and out.with_suffix(".csv").exists() and out.with_suffix(".tex").exists()
