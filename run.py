@@ -3,6 +3,7 @@
     python run.py                                        # digits model, OrbitQuant W4A8
     python run.py quant=rtn w_bits=4 a_bits=4 seed=1
     python run.py -m quant=fp,rtn,orbit w_bits=4 a_bits=4,8
+    python run.py logger=wandb                           # also mirror to W&B (offline without WANDB_API_KEY)
 
 Results: results/runs/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/results.json (+ samples/grid.png).
 """
@@ -34,6 +35,8 @@ def main(cfg: DictConfig) -> None:
     from orbitquant.generate import reference_key, reference_samples, save_samples
     from orbitquant.rundir import RunDir, provenance
     from orbitquant.tables import format_summary
+    from orbitquant.viz import plot_layer_errors
+    from orbitquant.wandb_log import mirror
 
     run = RunDir(Path(HydraConfig.get().runtime.output_dir))
     if run.done() and not cfg.overwrite:
@@ -84,10 +87,13 @@ def main(cfg: DictConfig) -> None:
         scores = {m.name: m.compute(samples, reference, ctx.get(m.context_cls)).to_dict() for m in metrics}
         ref_scores = {m.name: m.compute(reference, reference, ctx.get(m.context_cls)).to_dict() for m in metrics}
         lap("metrics")
-        results = {"config": c, "metrics": scores, "reference_metrics": ref_scores,
-                   "quant_report": report.to_dict(), "sampling": samples.meta, "timing": times, "files": files,
-                   "provenance": provenance(cfg.device)}
+        qr = report.to_dict()
+        if plot_layer_errors(qr["layers"], run.path / "layer_error.png", f"{adapter.name} {qcfg.method} {c['quant']['tag']}"):
+            files["layer_error"] = "layer_error.png"
+        results = {"config": c, "metrics": scores, "reference_metrics": ref_scores, "quant_report": qr,
+                   "sampling": samples.meta, "timing": times, "files": files, "provenance": provenance(cfg.device)}
         run.write_results(results)
+    mirror(results, run.path, c["logger"])  # W&B (logger=wandb); never fails the run
     print(format_summary(results, Path(os.path.relpath(run.results_path))))
 
 

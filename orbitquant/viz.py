@@ -57,3 +57,30 @@ def save_mp4(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path | Non
     from diffusers.utils import export_to_video
 
     return Path(export_to_video(list(to_uint8(frames)), str(path), fps=fps, macro_block_size=1))
+
+
+def plot_layer_errors(layers: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Per-layer relative output error on the probe batch, in model order, coloured by role (log scale).
+    ``layers`` are ``QuantReport.to_dict()["layers"]`` rows; None when no layer has a measured error."""
+    rows = [r for r in layers if r.get("rel_err") is not None and r["treatment"] != "skip"]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = sorted({r["role"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, len(rows) / 8)), 3.5))
+    for k, role in enumerate(roles):
+        pts = [(i, r["rel_err"]) for i, r in enumerate(rows) if r["role"] == role]
+        ax.scatter([p[0] for p in pts], [max(p[1], 1e-8) for p in pts], s=12, color=f"C{k % 10}", label=role)
+    ax.set(yscale="log", xlabel="quantized layer (model order)", ylabel="relative output error", title=title)
+    ax.legend(fontsize=7, ncol=min(len(roles), 4))
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

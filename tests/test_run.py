@@ -61,8 +61,11 @@ def _run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.Comp
 
 
 def test_end_to_end_run_writes_results_and_rerun_skips(tmp_path):
-    p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8"], tmp_path)
+    p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8", "logger=wandb", f"logger.dir={tmp_path}/wb"],
+             tmp_path)
     run_dir = tmp_path / "runs/digits/orbit/w4a8/smoke/q0-s0"
+    assert (run_dir / "layer_error.png").exists()
+    assert len(list((tmp_path / "wb/wandb").glob("offline-run-*/run-*.wandb"))) == 1  # offline: no key in tests
     res = json.loads((run_dir / "results.json").read_text())
     assert res["schema_version"] == 1 and res["status"] == "ok"
     assert set(res["metrics"]) == {"psnr_vs_fp", "ssim_vs_fp", "class_acc"}
