@@ -33,15 +33,12 @@ def main(cfg: DictConfig) -> None:
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
     from orbitquant.generate import reference_key, reference_samples, save_samples
-    from orbitquant.rundir import RunDir, provenance
+    from orbitquant.rundir import RunDir, config_hash, provenance, run_identity
     from orbitquant.tables import format_summary
     from orbitquant.viz import plot_layer_errors
     from orbitquant.wandb_log import mirror
 
     run = RunDir(Path(HydraConfig.get().runtime.output_dir))
-    if run.done() and not cfg.overwrite:
-        log.info("results exist, skipping (overwrite=true to redo): %s", run.results_path)
-        return
     c = OmegaConf.to_container(cfg, resolve=True)
     try:  # build (and so validate) everything before any heavy work; bad config -> one line, no traceback
         adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
@@ -52,6 +49,14 @@ def main(cfg: DictConfig) -> None:
             adapter.check_protocol(c["calib"]["protocol"], "calib=" + c["calib"]["name"])
     except (ValueError, KeyError, TypeError) as e:
         sys.exit(f"config error: {e}")
+    identity = run_identity(c, needs_calib)
+    diff = None if cfg.overwrite else run.stored_config_diff(identity)
+    if diff == []:
+        log.info("results exist, skipping (overwrite=true to redo): %s", run.results_path)
+        return
+    if diff:  # same directory, different settings: never overwrite silently, never report stale numbers
+        sys.exit(f"error: {run.path} holds results of another config ({'; '.join(diff[:4])}); give this variant "
+                 "its own directory with quant.tag=<name>, or pass overwrite=true")
     torch.set_num_threads(cfg.threads)
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -60,7 +65,7 @@ def main(cfg: DictConfig) -> None:
         nonlocal t
         times[stage], t = round(time.perf_counter() - t, 3), time.perf_counter()
 
-    with run.guard():
+    with run.guard(config_hash(identity)):
         try:
             pipe = adapter.load(torch_dtype(cfg.dtype), cfg.device)
         except FileNotFoundError as e:  # missing weights: one line that names the fix, no traceback
@@ -88,10 +93,12 @@ def main(cfg: DictConfig) -> None:
         ref_scores = {m.name: m.compute(reference, reference, ctx.get(m.context_cls)).to_dict() for m in metrics}
         lap("metrics")
         qr = report.to_dict()
-        if plot_layer_errors(qr["layers"], run.path / "layer_error.png", f"{adapter.name} {qcfg.method} {c['quant']['tag']}"):
+        title = f"{adapter.name} {qcfg.method} {c['quant']['tag']}"
+        if plot_layer_errors(qr["layers"], run.path / "layer_error.png", title):
             files["layer_error"] = "layer_error.png"
-        results = {"config": c, "metrics": scores, "reference_metrics": ref_scores, "quant_report": qr,
-                   "sampling": samples.meta, "timing": times, "files": files, "provenance": provenance(cfg.device)}
+        results = {"config": c, "config_hash": config_hash(identity), "metrics": scores, "reference_metrics": ref_scores,
+                   "quant_report": qr, "sampling": samples.meta, "timing": times, "files": files,
+                   "provenance": provenance(cfg.device)}
         run.write_results(results)
     mirror(results, run.path, c["logger"])  # W&B (logger=wandb); never fails the run
     print(format_summary(results, Path(os.path.relpath(run.results_path))))

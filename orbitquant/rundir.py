@@ -8,12 +8,14 @@ Layout: ``<results_dir>/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/`` h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import platform
 import subprocess
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from importlib import metadata
@@ -75,6 +77,37 @@ def provenance(device: str = "cpu") -> dict:
     }
 
 
+#: config keys that never change a run's numbers: left out of its identity (skip check, config hash)
+NON_SEMANTIC = ("overwrite", "progress", "threads", "results_dir", "cache_dir", "logger")
+
+
+def run_identity(cfg: dict, uses_calibration: bool = True) -> dict:
+    """The part of a resolved config that determines a run's results (``calib`` only for calibrated methods)."""
+    drop = set(NON_SEMANTIC) | (set() if uses_calibration else {"calib"})
+    return {k: v for k, v in cfg.items() if k not in drop}
+
+
+def config_diff(old, new, prefix: str = "") -> list[str]:
+    """Human-readable differences between two config trees, e.g. ``["quant.rotation: 'rpbh' -> 'haar'"]``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{key}: (absent) -> {new[k]!r}")
+            elif k not in new:
+                out.append(f"{key}: {old[k]!r} -> (absent)")
+            else:
+                out += config_diff(old[k], new[k], key)
+        return out
+    return [] if _jsonable(old) == _jsonable(new) else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def config_hash(identity: dict) -> str:
+    blob = json.dumps(_jsonable(identity), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -90,18 +123,42 @@ class RunDir:
     def done(self) -> bool:
         return self.results_path.exists()
 
+    def stored_config_diff(self, identity: dict) -> list[str] | None:
+        """None when no results exist; else how the stored run's identity differs from ``identity``
+        ([] = the same run)."""
+        if not self.done():
+            return None
+        stored = json.loads(self.results_path.read_text())["config"]
+        drop = set(NON_SEMANTIC) | ({"calib"} if "calib" not in identity else set())
+        return config_diff({k: v for k, v in stored.items() if k not in drop}, identity)
+
+    def write_status(self, **fields) -> None:
+        """``status.json``: the job's own record (running / ok / failed, config hash, times, traceback), which
+        no launcher keeps reliably (submitit's logs say "completed successfully" for a failed job)."""
+        atomic_write_json(self.path / "status.json", {"host": platform.node(), "pid": os.getpid(), **fields})
+
     @contextlib.contextmanager
-    def guard(self):
-        """Mark the run in flight; on failure leave ``.ERROR`` with the traceback (and re-raise)."""
+    def guard(self, config_hash: str = ""):
+        """Mark the run in flight (``.RUNNING``, ``status.json``); on failure leave ``.ERROR`` with the traceback
+        and a ``failed`` status (and re-raise)."""
         self.path.mkdir(parents=True, exist_ok=True)
         running, error = self.path / ".RUNNING", self.path / ".ERROR"
         error.unlink(missing_ok=True)
         running.write_text(f"pid {os.getpid()}\n")
+        started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+        self.write_status(status="running", config_hash=config_hash, started=started)
         try:
             yield self
-        except BaseException:
-            error.write_text(traceback.format_exc())
+        except BaseException as e:
+            tb = traceback.format_exc()
+            error.write_text(tb)
+            status = "exited" if isinstance(e, SystemExit) else "failed"
+            self.write_status(status=status, config_hash=config_hash, started=started,
+                              seconds=round(time.perf_counter() - t0, 3), error=tb[-4000:])
             raise
+        else:
+            self.write_status(status="ok", config_hash=config_hash, started=started,
+                              seconds=round(time.perf_counter() - t0, 3))
         finally:
             running.unlink(missing_ok=True)
 

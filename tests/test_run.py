@@ -77,6 +77,8 @@ def test_end_to_end_run_writes_results_and_rerun_skips(tmp_path):
     assert (run_dir / "samples/grid.png").exists() and (run_dir / "samples/samples.npz").exists()
     assert not (run_dir / ".RUNNING").exists()
     assert "psnr_vs_fp" in p.stdout and "fp reference" in p.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "ok" and status["config_hash"] == res["config_hash"] and status["seconds"] > 0
     mtime = (run_dir / "results.json").stat().st_mtime
     p2 = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8"], tmp_path)
     assert (run_dir / "results.json").stat().st_mtime == mtime
@@ -140,3 +142,23 @@ def test_every_calib_protocol_fits_some_model_and_loads_its_prompts(calib):
 def test_calibrated_method_with_a_mismatched_calib_protocol_names_conf_calib(tmp_path):
     p = _run(["eval=smoke", "quant=smoothquant", "calib=t2i_smoke"], tmp_path, check=False)
     assert p.returncode != 0 and "conf/calib/" in p.stdout + p.stderr
+
+
+def test_a_different_config_in_the_same_run_dir_is_refused_with_the_diff(tmp_path):
+    _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8"], tmp_path)
+    p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8", "quant.rotation=haar"], tmp_path, check=False)
+    assert p.returncode != 0
+    assert "quant.rotation: 'rpbh' -> 'haar'" in p.stderr and "quant.tag=" in p.stderr
+    # the stored run is untouched; a non-semantic change (threads, logger) still skips
+    p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8", "threads=2"], tmp_path)
+    assert "skipping" in p.stdout + p.stderr
+
+
+def test_failed_run_leaves_error_marker_and_failed_status(tmp_path):
+    p = _run(["eval=smoke", "quant=qdit", "w_bits=4", "a_bits=8", "calib=digits", "calib.protocol.steps=0"],
+             tmp_path, check=False)
+    assert p.returncode != 0
+    run_dir = tmp_path / "runs/digits/qdit/w4a8-g128/smoke/q0-s0"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "Traceback" in status["error"]
+    assert (run_dir / ".ERROR").exists() and not (run_dir / "results.json").exists()
