@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,10 @@ def reference_samples(generate, cache_dir: Path, key: str) -> tuple[Samples, boo
         return load_samples(path), True
     samples = generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # a unique temp name: parallel jobs of a sweep may build the same reference at once (last rename wins,
+    # and both wrote identical samples)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".npz")
+    os.close(fd)
     np.savez_compressed(tmp, images=samples.images.numpy(), labels=samples.labels.numpy())
-    tmp.replace(path)
+    os.replace(tmp, path)
     return samples, False

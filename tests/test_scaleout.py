@@ -1,0 +1,49 @@
+"""Scale-out through existing engines: Hydra's joblib and submitit launchers (local executor in CI), the Slurm
+launcher config, and the per-job status files that report what launchers do not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_run import ROOT, _compose, _run
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+
+
+@pytest.mark.parametrize("launcher", [["hydra/launcher=local"],
+                                      ["hydra/launcher=submitit_local", "hydra.sweeper.max_batch_size=2"]],
+                         ids=["joblib", "submitit_local"])
+def test_launchers_run_each_job_in_its_own_process_with_status_files(tmp_path, launcher):
+    _run(["-m", *launcher, "eval=smoke", "quant=fp,rtn", "w_bits=4", "a_bits=8"], tmp_path)
+    runs = sorted((tmp_path / "runs").glob("**/status.json"))
+    assert len(runs) == 2
+    statuses = [json.loads(p.read_text()) for p in runs]
+    assert all(s["status"] == "ok" for s in statuses)
+    assert len({s["pid"] for s in statuses}) == 2  # separate worker processes: no state leaks between runs
+    assert all((p.parent / "results.json").exists() for p in runs)
+
+
+def test_slurm_launcher_config_composes_with_partition_and_array_settings():
+    cfg = _compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2"])
+    lc = cfg.hydra.launcher
+    assert lc._target_.endswith("SlurmLauncher")
+    assert (lc.partition, lc.gpus_per_node, lc.timeout_min, lc.array_parallelism) == ("gpu", 2, 240, 16)
+
+
+def test_sweep_status_lists_failures_and_exits_nonzero(tmp_path):
+    from orbitquant.rundir import RunDir
+
+    ok, bad = RunDir(tmp_path / "a/q0-s0"), RunDir(tmp_path / "b/q0-s0")
+    with ok.guard("h1"):
+        ok.write_results({"config": {}})
+    with pytest.raises(RuntimeError), bad.guard("h2"):
+        raise RuntimeError("out of memory at step 3")
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/sweep_status.py"), "--root", str(tmp_path), "--failed"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "failed: 1, ok: 1" in p.stdout and "RuntimeError: out of memory at step 3" in p.stdout
+    assert "a/q0-s0" not in p.stdout
