@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,11 +11,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_prompts(src: str | list[str] | tuple[str, ...]) -> list[str]:
+def load_prompts(src: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
     """Prompts from a list, or from a file: ``.txt`` (one per line; blank lines and ``#`` comments
     skipped) or ``.json`` (a list of strings). A relative path is tried from the working directory, then
     from the repository root (so ``orbitquant/assets/prompts/...`` works from anywhere)."""
-    if isinstance(src, (list, tuple)):
+    if not isinstance(src, (str, os.PathLike)):  # any sequence (list, tuple, OmegaConf ListConfig)
         prompts = list(src)
         where = "the prompts list"
     else:

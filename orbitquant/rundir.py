@@ -77,8 +77,10 @@ def provenance(device: str = "cpu") -> dict:
     }
 
 
-#: config keys that never change a run's numbers: left out of its identity (skip check, config hash)
-NON_SEMANTIC = ("overwrite", "progress", "threads", "results_dir", "cache_dir", "logger")
+#: config keys left out of a run's identity (skip check, config hash): they never change its numbers, or
+#: (w_bits, a_bits) only feed the quant section, which records the values a method actually uses (quant=fp
+#: ignores them, so one fp run serves every bit pair of a sweep); ``table`` describes an experiment's table
+NON_SEMANTIC = ("overwrite", "progress", "threads", "results_dir", "cache_dir", "logger", "w_bits", "a_bits", "table")
 
 
 def run_identity(cfg: dict, uses_calibration: bool = True) -> dict:

@@ -143,3 +143,20 @@ def cost_table(df: pd.DataFrame, by: tuple[str, ...] = ("model", "method", "tag"
         "runs": g.size(),
     })
     return out
+
+
+def with_paper(ours: pd.DataFrame, paper_csv: str | Path) -> pd.DataFrame:
+    """Our :func:`mean_std_table` rows beside the paper's numbers (``method, paper_name, bits, <metrics>...``),
+    joined on (method, bits). Paper-only rows (methods we lack) get empty "ours" cells and vice versa; the
+    paper's columns are prefixed ``paper:`` so nobody mistakes them for ours."""
+    paper = pd.read_csv(paper_csv, dtype={"bits": str})
+    paper = paper.rename(columns={c: f"paper: {c}" for c in paper.columns if c not in ("method", "paper_name", "bits")})
+    o = ours.reset_index()
+    if "model" in o.columns and o["model"].nunique() > 1:
+        raise ValueError("a paper table compares one model; filter with --model")
+    o = o.drop(columns=[c for c in ("model",) if c in o.columns])
+    merged = o.merge(paper, on=["method", "bits"], how="outer")
+    merged = merged.sort_values("bits", key=lambda c: c.map(_bits_order), kind="stable")
+    front = ["bits", "method", "paper_name"] + (["tag"] if "tag" in merged.columns else [])
+    rest = [c for c in merged.columns if c not in front]
+    return merged[front + rest].fillna("—").set_index(["bits", "method"])

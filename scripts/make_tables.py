@@ -1,10 +1,12 @@
 """Aggregate results/runs/**/results.json into mean ± std tables over seeds.
 
+    python scripts/make_tables.py digits                # an experiment (conf/experiment/digits.yaml) -> results/tables/
     python scripts/make_tables.py                       # all runs, all metrics -> stdout
     python scripts/make_tables.py --model digits --eval digits --out results/tables/digits.md   # + .csv, .tex
 
 Rows are (model, bits, method, tag); cells are mean ± std over seeds; the best mean of each metric among
-the quantized rows of the same (model, bits) is bold. Mixing eval protocols in one table is refused.
+the quantized rows of the same (model, bits) is bold. Mixing eval protocols in one table is refused. An
+experiment with a ``<name>.paper.csv`` also gets "paper:" columns beside ours, joined on (method, bits).
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table, to_latex  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table, to_latex, with_paper
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", nargs="?", help="an experiment name (conf/experiment/<name>.yaml): its models, "
+                    "eval and metrics, written to results/tables/<name>.md")
     ap.add_argument("--root", default="results/runs")
     ap.add_argument("--model", nargs="*", help="keep only these models")
     ap.add_argument("--eval", nargs="*", help="keep only these eval protocols")
@@ -27,21 +34,38 @@ def main() -> None:
     ap.add_argument("--decimals", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write markdown here (and a .csv beside it)")
     args = ap.parse_args()
+    paper = None
+    if args.experiment:
+        from omegaconf import OmegaConf
+
+        path = ROOT / "conf/experiment" / f"{args.experiment}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            sys.exit(f"no experiment {args.experiment!r}; available: {', '.join(names)}")
+        t = OmegaConf.to_container(OmegaConf.load(path))["table"]
+        args.model, args.eval = args.model or t["models"], args.eval or [t["eval"]]
+        args.metrics = args.metrics or t.get("metrics")
+        args.out = args.out or ROOT / "results/tables" / f"{args.experiment}.md"
+        paper = ROOT / t["paper"] if t.get("paper") else None
     df = load_results(args.root)
-    if df.empty:
-        sys.exit(f"no results.json under {args.root}; run `python run.py` first")
-    if args.model:
+    if not df.empty and args.model:
         df = df[df["model"].isin(args.model)]
-    if args.eval:
+    if not df.empty and args.eval:
         df = df[df["eval"].isin(args.eval)]
-    if df.empty:
-        sys.exit("no results match --model/--eval")
-    evals = sorted(df["eval"].unique())
-    if len(evals) > 1:  # numbers from different protocols are not comparable in one table
-        sys.exit(f"results mix eval protocols {evals}; pick one with --eval")
-    table = mean_std_table(df, args.metrics, decimals=args.decimals)
-    arrows = {m: ("↑" if hib else "↓") for m, hib in df.groupby("metric")["higher_is_better"].first().items()}
-    table = table.rename(columns={m: f"{m} {arrows[m]}" for m in table.columns if m in arrows})
+    if df.empty and paper is None:
+        sys.exit(f"no results.json under {args.root} match --model/--eval; run `python run.py` first")
+    if df.empty:  # a paper table before any run: show the paper's numbers, say so
+        print(f"no runs of {args.experiment} under {args.root} yet: paper numbers only")
+        table = pd.read_csv(paper, dtype={"bits": str}).set_index(["bits", "method"])
+    else:
+        evals = sorted(df["eval"].unique())
+        if len(evals) > 1:  # numbers from different protocols are not comparable in one table
+            sys.exit(f"results mix eval protocols {evals}; pick one with --eval")
+        table = mean_std_table(df, args.metrics, decimals=args.decimals)
+        if paper is not None:
+            table = with_paper(table, paper)
+        arrows = {m: ("↑" if hib else "↓") for m, hib in df.groupby("metric")["higher_is_better"].first().items()}
+        table = table.rename(columns={m: f"{m} {arrows[m]}" for m in table.columns if m in arrows})
     md = table.reset_index().to_markdown(index=False)
     print(md)
     if args.out:
@@ -50,15 +74,16 @@ def main() -> None:
         table.to_csv(args.out.with_suffix(".csv"))
         args.out.with_suffix(".tex").write_text(to_latex(table))
         print(f"wrote {args.out} (+ .csv, .tex); bold = best mean per (model, bits) by the metric's direction")
+    if df.empty:
+        return
     costs = load_costs(args.root)
     costs = costs[costs["model"].isin(df["model"].unique()) & costs["eval"].isin(df["eval"].unique())]
     cost_md = cost_table(costs).reset_index().to_markdown(index=False)
-    print("\nquantization cost (CPU wall seconds per run, mean over runs):\n" + cost_md)
+    print("\nquantization cost (wall seconds per run, mean over runs; device as in each results.json):\n" + cost_md)
     if args.out:
         cost_path = args.out.with_name(args.out.stem + "_cost.md")
         cost_path.write_text(cost_md + "\n")
         print(f"wrote {cost_path}")
-
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,7 @@ def test_results_json_is_strict_json_and_summary_prints(tmp_path):
 
 def test_ci_runs_the_readme_test_command_exactly():
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL)
     test_cmd = next(b for b in blocks if "pytest" in b and "pip install" in b).strip()
     main_cmd = next(b for b in blocks if "run.py" in b and "pip install" in b).strip()
     ci = (ROOT / ".ci/run").read_text().splitlines()
@@ -67,10 +67,9 @@ def test_ci_runs_the_readme_test_command_exactly():
 
 def test_rundir_guard_leaves_error_marker(tmp_path):
     run = RunDir(tmp_path / "r")
-    with pytest.raises(RuntimeError):
-        with run.guard():
-            assert (tmp_path / "r/.RUNNING").exists()
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), run.guard():
+        assert (tmp_path / "r/.RUNNING").exists()
+        raise RuntimeError("boom")
     assert "boom" in (tmp_path / "r/.ERROR").read_text()
     assert not (tmp_path / "r/.RUNNING").exists() and not run.done()
 
@@ -115,3 +114,45 @@ def test_make_tables_refuses_to_mix_eval_protocols_and_writes_md_csv_tex(tmp_pat
     p = subprocess.run([*script, "--eval", "digits", "--out", str(out)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "21.000 ± 1.414" in out.read_text() and out.with_suffix(".csv").exists() and out.with_suffix(".tex").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_its_table_spec_is_valid(name):
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from orbitquant.factory import build_adapter, build_metrics
+    from orbitquant.registry import METHODS
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    t = cfg.table
+    assert cfg.model.name in t.models and cfg.eval.name == t.eval
+    build_adapter(OmegaConf.to_container(cfg.model, resolve=True)).check_protocol(
+        OmegaConf.to_container(cfg.eval.protocol, resolve=True), name)
+    build_metrics(list(t.metrics))
+    params = cfg.hydra.sweeper.params
+    for method in params.quant.split(","):
+        assert method in METHODS.names()
+    for bits in params.bits.split(","):
+        assert (ROOT / "conf/bits" / f"{bits}.yaml").exists()
+    if t.paper:
+        paper = pd.read_csv(ROOT / t.paper, dtype={"bits": str})
+        assert {"method", "paper_name", "bits"} <= set(paper.columns) and len(paper) > 1
+        assert "fp" in set(paper["bits"])
+
+
+def test_paper_columns_sit_beside_ours_joined_on_method_and_bits(tmp_path):
+    from orbitquant.tables import with_paper
+
+    for seed, v in enumerate([20.0, 22.0]):
+        _fake_result(tmp_path, "orbit", seed, v)
+    paper = tmp_path / "p.csv"
+    paper.write_text("method,paper_name,bits,overall\nfp,FP16,fp,0.667\norbit,OrbitQuant,W4A4,0.633\n"
+                     "svdquant,SVDQuant,W4A4,0.573\n")
+    t = with_paper(mean_std_table(load_results(tmp_path), ["psnr_vs_fp"]), paper)
+    assert t.loc[("W4A4", "orbit"), "paper: overall"] == 0.633
+    assert t.loc[("W4A4", "orbit"), "psnr_vs_fp"] == "21.000 ± 1.414"
+    assert t.loc[("W4A4", "svdquant"), "psnr_vs_fp"] == "—"  # a method we do not have: paper only
+    assert list(t.index.get_level_values("bits"))[0] == "fp"
