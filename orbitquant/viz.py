@@ -84,3 +84,41 @@ def plot_layer_errors(layers: list[dict], path: str | Path, title: str = "") -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_metric_vs_bits(df, metric: str, path: str | Path, title: str = "") -> Path | None:
+    """One line per method: mean ± std over seeds of ``metric`` at each bit pair (``load_results`` rows,
+    one model and eval). The fp value is a dashed line when finite. None if the metric is absent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .tables import _bits_order
+
+    d = df[df["metric"] == metric]
+    if d.empty:
+        return None
+    bits = sorted((b for b in d["bits"].unique() if b != "fp"), key=_bits_order)
+    fig, ax = plt.subplots(figsize=(1.2 * len(bits) + 3, 3.6))
+    fp = d[d["bits"] == "fp"]["value"]
+    if len(fp) and np.isfinite(fp.mean()):
+        ax.axhline(fp.mean(), color="gray", ls="--", lw=1, label="fp")
+    for k, (method, g) in enumerate(d[d["bits"] != "fp"].groupby("method")):
+        stats = g.groupby("bits")["value"].agg(["mean", "std"]).reindex(bits)
+        # missing bit pairs stay NaN, so a line never bridges a setting that was not run
+        ax.errorbar(range(len(bits)), stats["mean"].to_numpy(), yerr=stats["std"].fillna(0).to_numpy(), marker="o",
+                    ms=4, capsize=3, color=f"C{k % 10}", label=method)
+    hib = bool(d["higher_is_better"].iloc[0])
+    ax.set_xticks(range(len(bits)), bits)
+    ax.set(ylabel=f"{metric} ({'higher' if hib else 'lower'} is better)", title=title)
+    if not hib and (d["value"] > 0).all():
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--metrics", nargs="*", help="metric columns (default: all)")
     ap.add_argument("--decimals", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write markdown here (and a .csv beside it)")
+    ap.add_argument("--plots", action="store_true", help="also plot each metric vs bits per method (mean ± std) "
+                    "to results/figures/<name>_<metric>.png")
     args = ap.parse_args()
     paper = None
     if args.experiment:
@@ -76,6 +78,17 @@ def main() -> None:
         print(f"wrote {args.out} (+ .csv, .tex); bold = best mean per (model, bits) by the metric's direction")
     if df.empty:
         return
+    if args.plots:
+        from orbitquant.viz import plot_metric_vs_bits
+
+        stem = args.experiment or (args.out.stem if args.out else "table")
+        for model, dm in df.groupby("model"):
+            for metric in args.metrics or sorted(dm["metric"].unique()):
+                name = stem if df["model"].nunique() == 1 else f"{stem}_{model}"
+                p = plot_metric_vs_bits(dm, metric, ROOT / "results/figures" / f"{name}_{metric}.png",
+                                        f"{model}, eval={dm['eval'].iloc[0]}: {metric} vs bits")
+                if p:
+                    print(f"wrote {p.relative_to(ROOT)}")
     costs = load_costs(args.root)
     costs = costs[costs["model"].isin(df["model"].unique()) & costs["eval"].isin(df["eval"].unique())]
     cost_md = cost_table(costs).reset_index().to_markdown(index=False)

@@ -156,3 +156,14 @@ def test_paper_columns_sit_beside_ours_joined_on_method_and_bits(tmp_path):
     assert t.loc[("W4A4", "orbit"), "psnr_vs_fp"] == "21.000 ± 1.414"
     assert t.loc[("W4A4", "svdquant"), "psnr_vs_fp"] == "—"  # a method we do not have: paper only
     assert list(t.index.get_level_values("bits"))[0] == "fp"
+
+
+def test_metric_vs_bits_plot_is_written(tmp_path):
+    from orbitquant.viz import plot_metric_vs_bits
+
+    for seed, v in enumerate([20.0, 22.0]):
+        _fake_result(tmp_path, "orbit", seed, v)
+    _fake_result(tmp_path, "rtn", 0, 15.0)
+    df = load_results(tmp_path)
+    assert plot_metric_vs_bits(df, "psnr_vs_fp", tmp_path / "p.png").stat().st_size > 1000
+    assert plot_metric_vs_bits(df, "no_such_metric", tmp_path / "q.png") is None
