@@ -4,12 +4,14 @@
     python run.py quant=rtn w_bits=4 a_bits=4 seed=1
     python run.py -m quant=fp,rtn,orbit w_bits=4 a_bits=4,8
     python run.py logger=wandb                           # also mirror to W&B (offline without WANDB_API_KEY)
+    torchrun --nproc_per_node=2 run.py                   # one run, samples sharded across ranks (rank 0 scores)
 
 Results: results/runs/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/results.json (+ samples/grid.png).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from orbitquant import quantize_
+    from orbitquant import distributed, quantize_
     from orbitquant.api import quantizer_for
     from orbitquant.artifacts import calibration_path
     from orbitquant.config import torch_dtype
@@ -65,27 +67,38 @@ def main(cfg: DictConfig) -> None:
         nonlocal t
         times[stage], t = round(time.perf_counter() - t, 3), time.perf_counter()
 
-    with run.guard(config_hash(identity)):
+    rank, world = distributed.setup(cfg.device)  # torchrun: samples are sharded across ranks (rank 0 scores)
+    shard = (rank, world)
+    with run.guard(config_hash(identity)) if rank == 0 else contextlib.nullcontext():
         try:
             pipe = adapter.load(torch_dtype(cfg.dtype), cfg.device)
         except FileNotFoundError as e:  # missing weights: one line that names the fix, no traceback
             sys.exit(f"error: {e}")
         lap("load")
 
-        def sample(desc: str):
-            return adapter.generate(pipe, **protocol, seed=cfg.seed, progress=cfg.progress, desc=desc)
+        def sample(desc: str, name: str):  # this rank's shard, merged on rank 0 (None on the others)
+            part = adapter.generate(pipe, **protocol, seed=cfg.seed, progress=cfg.progress and rank == 0, desc=desc,
+                                    shard=shard)
+            return distributed.gather(part, run.samples_dir, shard, name)
 
         key = reference_key(c["model"], {**protocol, "dtype": cfg.dtype, "device": cfg.device}, cfg.seed,
                             adapter.fingerprint())
-        reference, cached = reference_samples(lambda: sample("fp reference"), Path(cfg.cache_dir) / "reference", key)
+        reference, cached = reference_samples(lambda: sample("fp reference", "reference"),
+                                              Path(cfg.cache_dir) / "reference", key)
         lap("reference_cached" if cached else "reference")
         denoiser = adapter.denoiser(pipe)
         calibrate = (lambda: adapter.generate(pipe, **c["calib"]["protocol"], seed=cfg.quant_seed + 10_000,
                                               progress=cfg.progress, desc="calibration")) if needs_calib else None
+        if rank > 0:
+            distributed.barrier()  # rank 0 calibrates first; the others restore its artifact
         report = quantize_(denoiser, qcfg, adapter.layers(denoiser), probe=lambda: adapter.probe(pipe),
                            calibrate=calibrate, calibration_cache=calibration_path(cfg.cache_dir, c, adapter.fingerprint()))
+        if rank == 0 and world > 1:
+            distributed.barrier()
         lap("quantize")
-        samples = sample(f"{c['quant']['method']} {c['quant']['tag']}")
+        samples = sample(f"{c['quant']['method']} {c['quant']['tag']}", "samples")
+        if rank > 0:
+            return
         files = save_samples(samples, run.samples_dir)
         lap("sample")
         ctx = metric_contexts(metrics)

@@ -45,7 +45,7 @@ def reference_key(model_cfg: dict, protocol: dict, seed: int, fingerprint: str) 
     return cache_key(model=model_cfg, protocol=protocol, seed=seed, weights=fingerprint)
 
 
-def reference_samples(generate, cache_dir: Path, key: str) -> tuple[Samples, bool]:
+def reference_samples(generate, cache_dir: Path, key: str) -> tuple[Samples | None, bool]:
     """The fp samples for ``key``: from ``cache_dir`` if present, else ``generate()`` and cache them.
 
     Returns ``(samples, was_cached)``. The cache is what lets a sweep score every method against the
@@ -55,6 +55,8 @@ def reference_samples(generate, cache_dir: Path, key: str) -> tuple[Samples, boo
     if path.exists():
         return load_samples(path), True
     samples = generate()
+    if samples is None:  # a non-zero rank of a sharded run: rank 0 holds (and caches) the merged samples
+        return None, False
     path.parent.mkdir(parents=True, exist_ok=True)
     # a unique temp name: parallel jobs of a sweep may build the same reference at once (last rename wins,
     # and both wrote identical samples)

@@ -47,3 +47,39 @@ def test_sweep_status_lists_failures_and_exits_nonzero(tmp_path):
     assert p.returncode == 1
     assert "failed: 1, ok: 1" in p.stdout and "RuntimeError: out of memory at step 3" in p.stdout
     assert "a/q0-s0" not in p.stdout
+
+
+def test_torchrun_shards_samples_across_two_gloo_ranks_and_matches_one_process(tmp_path):
+    import os
+
+    import numpy as np
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "progress=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(ROOT / "run.py"), f"results_dir={tmp_path}/tr", f"cache_dir={tmp_path}/cache_tr", *common]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _run(common, tmp_path)  # the same run in one process
+    a = tmp_path / "tr/digits/smoothquant/w4a8/smoke/q0-s0"
+    b = tmp_path / "runs/digits/smoothquant/w4a8/smoke/q0-s0"
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert ra["sampling"]["shards"] == 2 and "shards" not in rb["sampling"]
+    sa, sb = np.load(a / "samples/samples.npz"), np.load(b / "samples/samples.npz")
+    assert np.array_equal(sa["labels"], sb["labels"])
+    np.testing.assert_allclose(sa["images"], sb["images"], atol=1e-5)
+    for m in ra["metrics"]:
+        assert abs(float(ra["metrics"][m]["value"]) - float(rb["metrics"][m]["value"])) < 1e-3, m
+    assert not list((a / "samples").glob("*shard*"))  # merged into samples.npz
+
+
+def test_shard_ranges_partition_the_items_in_order():
+    from orbitquant.distributed import shard_range
+
+    for n in (0, 1, 7, 10, 501):
+        for world in (1, 2, 3, 8):
+            parts = [shard_range(n, (r, world)) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        shard_range(4, (2, 2))

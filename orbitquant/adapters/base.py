@@ -46,7 +46,7 @@ class ModelAdapter(ABC):
         import inspect
 
         params = inspect.signature(self.generate).parameters
-        fixed = {"pipe", "seed", "progress", "desc"}
+        fixed = {"pipe", "seed", "progress", "desc", "shard"}
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         required = {n for n, p in params.items() if p.default is p.empty and n not in fixed
                     and p.kind is p.KEYWORD_ONLY}

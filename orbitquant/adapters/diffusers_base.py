@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..calib import publish_calls
 from ..data import load_prompts
+from ..distributed import shard_range
 from ..types import LayerRef, Samples
 from .base import ModelAdapter
 from .hf import resolve_checkpoint
@@ -76,7 +77,7 @@ class DiffusersAdapter(ModelAdapter):
         return (out.frames if self.modality == "video" else out.images).float().cpu() * 2 - 1
 
     def _sample_batches(self, pipe, n: int, batch_size: int, seed: int, call, progress: bool,
-                        desc: str, steps: int | None = None) -> tuple[torch.Tensor, int]:
+                        desc: str, steps: int | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, int]:
         """Run ``call(start, stop, generators)`` over batches; sample k's noise comes from a generator seeded by
         (seed, k), so results do not depend on the batch size. Also counts denoiser forwards (the real cost of a
         protocol: CFG doubles it, and Turbo models may differ from the step count) and publishes each forward's
@@ -85,8 +86,10 @@ class DiffusersAdapter(ModelAdapter):
         denoiser = self.denoiser(pipe)
         hook = denoiser.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         with hook, tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
+            idx = shard_range(n, shard)  # this rank's items (all of them without torchrun)
+            bar.total = len(idx)
+            for start in range(idx.start, idx.stop, batch_size):
+                stop = min(idx.stop, start + batch_size)
                 gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
                 with publish_calls(denoiser, self.cfg_layout, rows=stop - start, n_steps=steps):
                     chunks.append(self._output(call(start, stop, gens)))
@@ -103,7 +106,7 @@ class DiffusersAdapter(ModelAdapter):
 
     def generate(self, pipe, *, prompts: list[str] | str, n_per_prompt: int = 1, steps: int, guidance: float,
                  height: int, width: int, batch_size: int, seed: int, progress: bool = True,
-                 desc: str = "sampling", **extra: Any) -> Samples:
+                 desc: str = "sampling", shard: tuple[int, int] = (0, 1), **extra: Any) -> Samples:
         """``n_per_prompt`` images (or videos) for every prompt (``prompts``: a list or a prompt file)."""
         prompts = load_prompts(prompts)
         items = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
@@ -113,8 +116,9 @@ class DiffusersAdapter(ModelAdapter):
                         height=height, width=width, generator=gens, output_type="pt", **self._call_kwargs(pipe),
                         **extra)
 
-        images, forwards = self._sample_batches(pipe, len(items), batch_size, seed, call, progress, desc, steps)
-        return Samples(images=images, labels=torch.tensor([i for i, _ in items]),
+        images, forwards = self._sample_batches(pipe, len(items), batch_size, seed, call, progress, desc, steps, shard)
+        idx = shard_range(len(items), shard)
+        return Samples(images=images, labels=torch.tensor([i for i, _ in items[idx.start:idx.stop]]),
                        meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed,
                              "denoiser_forwards": forwards})
 

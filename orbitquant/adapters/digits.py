@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib import denoiser_call
+from ..distributed import shard_range
 from ..registry import register_model
 from ..types import LayerRef, Samples
 from .base import ModelAdapter
@@ -162,13 +163,16 @@ class DigitsAdapter(ModelAdapter):
         pipe.velocity(x, torch.full((n,), 0.5), torch.arange(n) % 10, guidance=2.0)
 
     def generate(self, pipe: DigitsPipeline, *, n_per_class: int, steps: int, guidance: float,
-                 batch_size: int, seed: int, progress: bool = True, desc: str = "sampling") -> Samples:
-        """``n_per_class`` samples of each digit; the noise depends only on ``seed`` and the sample index."""
-        n = 10 * n_per_class
+                 batch_size: int, seed: int, progress: bool = True, desc: str = "sampling",
+                 shard: tuple[int, int] = (0, 1)) -> Samples:
+        """``n_per_class`` samples of each digit; the noise depends only on ``seed`` and the sample index
+        (``shard = (rank, world)`` samples a contiguous part of them: see ``distributed``)."""
         size = pipe.image_size
         g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, 1, size, size, generator=g)
-        labels = torch.arange(n) % 10
+        idx = shard_range(10 * n_per_class, shard)
+        noise = torch.randn(10 * n_per_class, 1, size, size, generator=g)[idx.start:idx.stop]
+        labels = torch.arange(idx.start, idx.stop) % 10
+        n = len(idx)
         out = []
         n_batches = -(-n // batch_size)
         with tqdm(total=n_batches * steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import shard_range
 from ..registry import register_model
 from ..types import Samples
 from .diffusers_base import DiffusersAdapter
@@ -51,7 +52,8 @@ class DiTAdapter(DiffusersAdapter):
                            id2label={i: f"class{i}" for i in range(1000)})
 
     def generate(self, pipe, *, classes: list[int], n_per_class: int = 1, steps: int, guidance: float,
-                 batch_size: int, seed: int, progress: bool = True, desc: str = "sampling", **_: object) -> Samples:
+                 batch_size: int, seed: int, progress: bool = True, desc: str = "sampling",
+                 shard: tuple[int, int] = (0, 1), **_: object) -> Samples:
         """``n_per_class`` images of every class id."""
         labels = [c for c in classes for _ in range(n_per_class)]
 
@@ -59,8 +61,9 @@ class DiTAdapter(DiffusersAdapter):
             return pipe(class_labels=labels[start:stop], guidance_scale=guidance, generator=gens,
                         num_inference_steps=steps, output_type="pt")
 
-        images, forwards = self._sample_batches(pipe, len(labels), batch_size, seed, call, progress, desc, steps)
-        return Samples(images=images, labels=torch.tensor(labels),
+        images, forwards = self._sample_batches(pipe, len(labels), batch_size, seed, call, progress, desc, steps, shard)
+        idx = shard_range(len(labels), shard)
+        return Samples(images=images, labels=torch.tensor(labels[idx.start:idx.stop]),
                        meta={"classes": classes, "steps": steps, "guidance": guidance, "seed": seed,
                              "scheduler": type(pipe.scheduler).__name__, "denoiser_forwards": forwards})
 
