@@ -65,11 +65,7 @@ def plot_layer_errors(layers: list[dict], path: str | Path, title: str = "") -> 
     rows = [r for r in layers if r.get("rel_err") is not None and r["treatment"] != "skip"]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     roles = sorted({r["role"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, len(rows) / 8)), 3.5))
     for k, role in enumerate(roles):
@@ -78,23 +74,15 @@ def plot_layer_errors(layers: list[dict], path: str | Path, title: str = "") -> 
     ax.set(yscale="log", xlabel="quantized layer (model order)", ylabel="relative output error", title=title)
     ax.legend(fontsize=7, ncol=min(len(roles), 4))
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_metric_vs_bits(df, metric: str, path: str | Path, title: str = "") -> Path | None:
     """One line per method: mean ± std over seeds of ``metric`` at each bit pair (``load_results`` rows,
     one model and eval). The fp value is a dashed line when finite. None if the metric is absent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .tables import _bits_order
+
+    plt = pyplot()
 
     d = df[df["metric"] == metric]
     if d.empty:
@@ -116,9 +104,24 @@ def plot_metric_vs_bits(df, metric: str, path: str | Path, title: str = "") -> P
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (headless machines, workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Tight layout, save as PNG (creating the folder), close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path

@@ -27,22 +27,17 @@ log = logging.getLogger("orbitquant.qdit_search")
 
 
 def _plot(history: list[tuple[tuple, float]], path: Path, metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from orbitquant.viz import pyplot, save_figure
 
     fit = [f for _, f in history]
     best = [min(fit[: i + 1]) for i in range(len(fit))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.scatter(range(1, len(fit) + 1), fit, s=8, alpha=0.5, label="candidate")
     ax.plot(range(1, len(fit) + 1), best, color="C3", label="best so far")
     ax.axhline(fit[0], color="gray", ls="--", lw=1, label="all-128 preset")
     ax.set(xlabel="fitness evaluation", ylabel=f"{metric} (lower is better)", title="Q-DiT group-size search")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @hydra.main(config_path="../conf", config_name="qdit_search", version_base="1.3")
