@@ -4,7 +4,8 @@
     python scripts/qdit_search.py w_bits=4 a_bits=4 search.budget=200 search.metric=fid_vs_real
 
 Each candidate quantizes the model with Q-DiT (weights ``search.weights``, default RTN as in the
-official code), samples ``search.protocol`` with the run seed (the same noise for every candidate),
+official code), samples ``search.protocol`` with noise seed ``seed + 20000`` (the same for every
+candidate, disjoint from eval and calibration noise, so the search never sees the scored samples),
 and scores ``search.metric`` against the fp samples of that protocol. Writes ``groups.json`` (the
 best map, its fitness, every evaluation) and ``search.png`` into the Hydra run dir, and prints the
 run.py command that uses it. Config: conf/qdit_search.yaml.
@@ -72,10 +73,14 @@ def main(cfg: DictConfig) -> None:
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
 
-    def sample(desc: str):
-        return adapter.generate(pipe, **protocol, seed=cfg.seed, progress=False, desc=desc)
+    # fitness noise is fixed across candidates and disjoint from the eval seeds (noise = seed) and the
+    # calibration seeds (quant_seed + 10000): selecting groups on the samples later scored would be a leak
+    fit_seed = cfg.seed + 20_000
 
-    key = reference_key(c["model"], {**protocol, "dtype": cfg.dtype, "device": cfg.device}, cfg.seed,
+    def sample(desc: str):
+        return adapter.generate(pipe, **protocol, seed=fit_seed, progress=False, desc=desc)
+
+    key = reference_key(c["model"], {**protocol, "dtype": cfg.dtype, "device": cfg.device}, fit_seed,
                         adapter.fingerprint())
     reference, _ = reference_samples(lambda: sample("fp reference"), Path(cfg.cache_dir) / "reference", key)
     denoiser = adapter.denoiser(pipe)
@@ -100,7 +105,7 @@ def main(cfg: DictConfig) -> None:
            "preset_fitness": res.history[0][1], "mean_group": sum(res.best) / len(res.best),
            "evaluations": len(res.history), "epochs_run": res.epochs_run, "seconds": round(seconds, 1),
            "search": OmegaConf.to_container(cfg.search, resolve=True), "model": c["model"],
-           "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "quant_seed": cfg.quant_seed, "seed": cfg.seed,
+           "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "quant_seed": cfg.quant_seed, "fitness_noise_seed": fit_seed,
            "history": [{"genome": list(g), "fitness": f} for g, f in res.history]}
     path = out_dir / "groups.json"
     path.write_text(json.dumps(out, indent=1))
