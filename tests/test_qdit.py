@@ -150,6 +150,7 @@ def test_search_script_writes_a_group_map_that_run_py_accepts(tmp_path):
     out = tmp_path / "qdit_search/digits-w4a8-q0"
     data = json.loads((out / "groups.json").read_text())
     assert data["evaluations"] == 3 and len(data["groups"]) == 48 and (out / "search.png").is_file()
+    assert data["fitness_noise_seed"] == 20_000  # disjoint from the eval noise (seed 0) and calibration (10000)
     assert data["fitness"] == min(h["fitness"] for h in data["history"])
     assert f"quant.groups={out / 'groups.json'}" in p.stdout
     QDiTConfig(groups=str(out / "groups.json"))  # loads

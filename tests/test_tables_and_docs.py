@@ -83,7 +83,7 @@ def test_cost_table_puts_calibration_beside_quantization_time(tmp_path):
         d = tmp_path / f"digits/{method}/{tag}/digits/q{seed}-s{seed}"
         d.mkdir(parents=True)
         cfg = {"model": {"name": "digits"}, "quant": {"method": method, "tag": tag}, "eval": {"name": "digits"},
-               "calib": {"name": "digits_qdit"}, "seed": seed, "quant_seed": seed}
+               "calib": {"name": "digits"}, "seed": seed, "quant_seed": seed}
         (d / "results.json").write_text(json.dumps({"config": cfg, "quant_report": {
             "summary": {"seconds": seconds, "calibration": cal}}}))
 
