@@ -159,4 +159,4 @@ def with_paper(ours: pd.DataFrame, paper_csv: str | Path) -> pd.DataFrame:
     merged = merged.sort_values("bits", key=lambda c: c.map(_bits_order), kind="stable")
     front = ["bits", "method", "paper_name"] + (["tag"] if "tag" in merged.columns else [])
     rest = [c for c in merged.columns if c not in front]
-    return merged[front + rest].fillna("—").set_index(["bits", "method"])
+    return merged[front + rest].astype(object).fillna("—").set_index(["bits", "method"])

@@ -111,7 +111,7 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, args, needle):
 
 
 def test_calibrated_run_writes_and_then_reuses_its_calibration_artifact(tmp_path):
-    args = ["eval=smoke", "quant=qdit", "w_bits=4", "a_bits=8", "quant.n_calib=16"]
+    args = ["eval=smoke", "quant=qdit", "w_bits=4", "a_bits=8", "quant.n_calib=16", "calib.protocol.n_per_class=2"]
     _run(args, tmp_path)
     path = tmp_path / "runs/digits/qdit/w4a8-g128/smoke/q0-s0/results.json"
     first = json.loads(path.read_text())

@@ -55,7 +55,7 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_and_matches_one_process(t
     import numpy as np
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "progress=false"]
+    common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=2", "progress=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "run.py"), f"results_dir={tmp_path}/tr", f"cache_dir={tmp_path}/cache_tr", *common]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
