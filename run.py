@@ -69,6 +69,10 @@ def main(cfg: DictConfig) -> None:
 
     rank, world = distributed.setup(cfg.device)  # torchrun: samples are sharded across ranks (rank 0 scores)
     shard = (rank, world)
+    if rank == 0 and not run.acquire():  # another live process runs this directory: leave it to that one
+        log.warning("%s is being run by another process (.RUNNING: %s); skipping it here", run.path,
+                    (run.path / ".RUNNING").read_text().strip() if (run.path / ".RUNNING").exists() else "?")
+        return
     with run.guard(config_hash(identity)) if rank == 0 else contextlib.nullcontext():
         try:
             pipe = adapter.load(torch_dtype(cfg.dtype), cfg.device)

@@ -110,6 +110,10 @@ def config_hash(identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class RunLocked(RuntimeError):
+    """Another live process holds this run directory."""
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -139,11 +143,36 @@ class RunDir:
         no launcher keeps reliably (submitit's logs say "completed successfully" for a failed job)."""
         atomic_write_json(self.path / "status.json", {"host": platform.node(), "pid": os.getpid(), **fields})
 
+    def acquire(self) -> bool:
+        """Take an exclusive, non-blocking ``flock`` on ``.lock``; False if another live process holds it (a
+        duplicated sweep, a re-queued Slurm task), so two processes never interleave one run's files. The
+        OS drops the lock when its holder dies: a killed run never leaves a stale lock. ``guard`` releases it."""
+        import fcntl
+
+        if getattr(self, "_lock_file", None) is not None:
+            return True
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")  # noqa: SIM115 - held until guard exits
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._lock_file = f
+        return True
+
+    def release(self) -> None:
+        f = getattr(self, "_lock_file", None)
+        if f is not None:
+            f.close()
+            self._lock_file = None
+
     @contextlib.contextmanager
     def guard(self, config_hash: str = ""):
         """Mark the run in flight (``.RUNNING``, ``status.json``); on failure leave ``.ERROR`` with the traceback
         and a ``failed`` status (and re-raise)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.acquire():
+            raise RunLocked(f"{self.path} is being run by another process")
         running, error = self.path / ".RUNNING", self.path / ".ERROR"
         error.unlink(missing_ok=True)
         running.write_text(f"pid {os.getpid()}\n")
@@ -163,6 +192,7 @@ class RunDir:
                               seconds=round(time.perf_counter() - t0, 3))
         finally:
             running.unlink(missing_ok=True)
+            self.release()
 
     def write_results(self, payload: dict) -> Path:
         atomic_write_json(self.results_path, {"schema_version": SCHEMA_VERSION, "status": "ok", **payload})

@@ -83,3 +83,27 @@ def test_shard_ranges_partition_the_items_in_order():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError, match="rank"):
         shard_range(4, (2, 2))
+
+
+def test_a_second_process_on_a_held_run_dir_skips_it_and_the_lock_dies_with_its_holder(tmp_path):
+    import time
+
+    from orbitquant.rundir import RunDir, RunLocked
+
+    run_dir = tmp_path / "runs/digits/orbit/w4a8/smoke/q0-s0"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+        "from orbitquant.rundir import RunDir; r = RunDir(Path(sys.argv[2])); assert r.acquire(); "
+        "(r.path / '.RUNNING').write_text('pid holder'); print('held', flush=True); time.sleep(60)"),
+        str(ROOT), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8"], tmp_path)
+        assert "being run by another process" in p.stdout + p.stderr and not (run_dir / "results.json").exists()
+        with pytest.raises(RunLocked), RunDir(run_dir).guard():
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.2)
+    assert RunDir(run_dir).acquire()  # the killed holder's lock is gone
