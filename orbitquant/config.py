@@ -112,8 +112,9 @@ class RTNConfig(QuantConfig):
 class OrbitConfig(QuantConfig):
     """OrbitQuant: rotate (RPBH), normalise per token / weight row, quantize to one Lloyd-Max codebook per d.
 
-    ``seed`` draws one rotation per input dimension; ``rotation`` may be ``rpbh`` (paper), ``hadamard``
-    (no permutation), ``haar`` (dense) or ``none`` for ablations; ``codebook`` is ``beta`` (exact
+    ``seed`` draws one rotation per input dimension; ``rotation`` is ``rpbh`` (paper) or any of
+    ``rotation.ROTATIONS`` for the rotation study (``rpbh_kron``: RPBH plus a Haar mix across blocks,
+    ``rpbh2``, ``hadamard_kron``, ``hadamard``, ``haar``, ``none``); ``codebook`` is ``beta`` (exact
     sphere marginal) or ``gaussian`` (N(0, 1/d)).
     """
 
