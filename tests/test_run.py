@@ -162,3 +162,16 @@ def test_failed_run_leaves_error_marker_and_failed_status(tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "Traceback" in status["error"]
     assert (run_dir / ".ERROR").exists() and not (run_dir / "results.json").exists()
+
+
+def test_same_config_and_seeds_give_bit_identical_samples_and_metrics(tmp_path):
+    import numpy as np
+
+    args = ["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=4", "seed=3"]
+    _run(args, tmp_path)
+    run_dir = tmp_path / "runs/digits/orbit/w4a4/smoke/q3-s3"
+    first = np.load(run_dir / "samples/samples.npz")["images"].copy()
+    m1 = json.loads((run_dir / "results.json").read_text())["metrics"]
+    _run([*args, "overwrite=true", f"cache_dir={tmp_path}/cache2"], tmp_path)  # fresh fp reference too
+    assert np.array_equal(first, np.load(run_dir / "samples/samples.npz")["images"])
+    assert json.loads((run_dir / "results.json").read_text())["metrics"] == m1
