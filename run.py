@@ -69,6 +69,8 @@ def main(cfg: DictConfig) -> None:
 
     rank, world = distributed.setup(cfg.device)  # torchrun: samples are sharded across ranks (rank 0 scores)
     shard = (rank, world)
+    if rank == 0 and (err := run.unwritable()):  # fail before hours of work, not when writing results
+        sys.exit(f"error: cannot write to the results directory {run.path} ({err}); pick another with results_dir=")
     if rank == 0 and not run.acquire():  # another live process runs this directory: leave it to that one
         log.warning("%s is being run by another process (.RUNNING: %s); skipping it here", run.path,
                     (run.path / ".RUNNING").read_text().strip() if (run.path / ".RUNNING").exists() else "?")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calib import current_call
 from .codebook import Codebook
 from .primitives import (
     dequantize_groups,
@@ -364,7 +365,10 @@ class QuantLinear(nn.Module):
         try:
             h = self.act(h)
         except NonFiniteInput as e:
-            raise NonFiniteInput(f"layer {self.name!r} ({self.treatment}): {e}") from None
+            call = current_call()
+            where = f" at sampler step {call.step}" if call is not None else ""
+            raise NonFiniteInput(f"layer {self.name!r} ({self.treatment}){where}: {e}; the fp model or an earlier "
+                                 "layer produced it (run quant=fp to check the model alone)") from None
         y = F.linear(h.to(self.compute_dtype), self.weight, self.bias)
         return y.to(x.dtype)
 

@@ -143,6 +143,19 @@ class RunDir:
         no launcher keeps reliably (submitit's logs say "completed successfully" for a failed job)."""
         atomic_write_json(self.path / "status.json", {"host": platform.node(), "pid": os.getpid(), **fields})
 
+    def unwritable(self) -> str | None:
+        """Why files cannot be written here (read-only mount, full disk, a file in the way), or None. A real
+        write probe: permission bits alone say nothing when running as root."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path) as f:
+                f.write(b"x" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror or e}"
+        return None
+
     def acquire(self) -> bool:
         """Take an exclusive, non-blocking ``flock`` on ``.lock``; False if another live process holds it (a
         duplicated sweep, a re-queued Slurm task), so two processes never interleave one run's files. The

@@ -127,3 +127,18 @@ def test_input_recorder_replays_the_recorded_rows_exactly():
         idx = [int(lbl) for lbl in r.kwargs["class_labels"]]  # labels 0..9 are the row indices here
         expected.append(outs[step][idx])
     torch.testing.assert_close(torch.cat(replayed), torch.cat(expected))
+
+
+def test_nan_reaching_a_quantized_layer_names_the_layer_and_the_sampler_step():
+    import pytest
+
+    import orbitquant as oq
+    from orbitquant.nn import NonFiniteInput
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    oq.quantize_(m, oq.OrbitConfig())
+    x = torch.randn(2, 8)
+    x[0, 3] = float("inf")
+    with pytest.raises(NonFiniteInput, match=r"layer '0' \(orbit w4a8\) at sampler step 7: .*NaN or Inf"):
+        with denoiser_call(7):
+            m(x)

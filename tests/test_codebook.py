@@ -194,7 +194,7 @@ def test_mse_formula_independent():
     d, b = 96, 2
     c = lloyd_max(d, b).numpy()
     lo, hi = _cells(c, 1.0)
-    f = lambda z: math.exp(_log_density(d, z))  # noqa: E731
+    f = lambda z: math.exp(_log_density(d, z))
     mse = sum(integrate.quad(lambda z, ci=ci: (z - ci) ** 2 * f(z), a, bb, epsabs=0, epsrel=1e-12, limit=200)[0]
               for a, bb, ci in zip(lo, hi, c))
     assert mse == pytest.approx(distortion(d, b), rel=1e-9)

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from test_run import _run
 
 import orbitquant as oq
 from orbitquant.registry import MODELS
-
-from test_run import _run
 
 # adapter -> (tiny model config, eval protocol, sampling kwargs)
 TINY = {
@@ -82,10 +81,10 @@ PAPER_EVALS = {"flux1_schnell": "flux_schnell_fidelity", "flux1_dev": "flux_dev_
 
 @pytest.mark.parametrize("model, eval_", sorted(PAPER_EVALS.items()))
 def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
+    from omegaconf import OmegaConf
     from test_run import _compose
 
     from orbitquant.factory import build_adapter
-    from omegaconf import OmegaConf
 
     cfg = _compose([f"model={model}", f"eval={eval_}"])
     adapter = build_adapter(OmegaConf.to_container(cfg.model, resolve=True))

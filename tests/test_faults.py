@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-
 from test_run import ROOT
 
 SWEEP = ["-m", "eval=smoke", "quant=fp,rtn,smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=1",

@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from orbitquant.primitives import (check_bits, dequantize_groups, fake_quant_uniform, pack_codes, qrange,
-                                   quantize_groups, relative_error, sqnr_db, unpack_codes)
+from orbitquant.primitives import (
+    check_bits,
+    dequantize_groups,
+    fake_quant_uniform,
+    pack_codes,
+    qrange,
+    quantize_groups,
+    relative_error,
+    sqnr_db,
+    unpack_codes,
+)
 
 # ------------------------------------------------------------------------------------------- packing
 

@@ -98,12 +98,31 @@ def test_multirun_sweeps_into_the_same_layout(tmp_path):
     assert found == ["digits/fp/fp/smoke/q0-s0", "digits/rtn/w4a4/smoke/q0-s0", "digits/rtn/w4a8/smoke/q0-s0"]
 
 
-@pytest.mark.parametrize("args, needle", [
+#: the README's "Reliability" table: each bad input and the one clear error it gets (before any heavy work)
+BAD_INPUTS = [
     (["quant=orbt"], "orbit"),                      # Hydra lists the available options
+    (["model=flux2"], "flux1_dev"),
+    (["eval=digit"], "digits"),
     (["w_bits=9"], "w_bits must be an integer in 1..8"),
+    (["w_bits=0"], "w_bits must be an integer in 1..8"),
+    (["a_bits=four"], "a_bits must be an integer in 1..8"),
+    (["quant=smoothquant", "w_bits=1"], "smoothquant uses symmetric RTN"),
+    (["quant=rtn", "w_bits=1"], "w_bits=1 needs w_symmetric=false"),
     (["quant=rtn", "+quant.w_granulariti=row"], "valid:"),
+    (["quant=qdit", "quant.groups=/nonexistent/groups.json"], "qdit_search.py"),
+    (["quant=qdit", "quant.group_size=-1"], "group_size must be >= 0"),
+    (["model=tiny_flux", "eval=digits"], "pick an eval protocol made for this model family"),
+    (["quant=smoothquant", "calib=t2i_smoke"], "pick a calib protocol made for this model family"),
+    (["model=tiny_flux", "eval=t2i_smoke", "quant=smoothquant", "calib=t2i_smoke",
+      "calib.protocol.prompts=/nonexistent/prompts.txt"], "prompt file"),
+    (["model=tiny_flux", "eval=t2i_smoke", "eval.protocol.prompts=[]"], "is empty"),
     (["model=digits", "+model.path=/nonexistent"], "train_digits.py"),
-])
+    (["model=flux1_schnell", "eval=t2i_smoke", "+model.path=/nonexistent"], "point model.path at the downloaded"),
+    (["results_dir=/proc/orbitquant"], "No such file or directory"),  # Hydra cannot even create the run dir
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, needle):
     p = _run(["eval=smoke", *args], tmp_path, check=False)
     assert p.returncode != 0

@@ -107,3 +107,14 @@ def test_a_second_process_on_a_held_run_dir_skips_it_and_the_lock_dies_with_its_
         holder.wait()
     time.sleep(0.2)
     assert RunDir(run_dir).acquire()  # the killed holder's lock is gone
+
+
+def test_unwritable_results_dir_is_reported_before_any_work(tmp_path):
+    from orbitquant.rundir import RunDir
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    assert "NotADirectoryError" in RunDir(blocker / "run").unwritable()
+    assert RunDir(tmp_path / "ok").unwritable() is None
+    ro = "/proc/orbitquant-results"  # a read-only filesystem, even for root
+    assert RunDir(__import__("pathlib").Path(ro)).unwritable() is not None
