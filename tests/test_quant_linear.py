@@ -408,3 +408,19 @@ def test_layer_refs_validation():
         oq.quantize_(model, oq.OrbitConfig(), layers=[oq.LayerRef("embed", "embed", -1, nn.Linear(16, 128))])
     with pytest.raises(ValueError, match="unknown role"):
         oq.LayerRef("embed", "attn", -1, model.embed)
+
+
+@pytest.mark.parametrize("cfg", [oq.OrbitConfig(w_bits=4, a_bits=4), oq.RTNConfig(w_bits=4, a_bits=4)],
+                         ids=["orbit", "rtn"])
+def test_all_zero_weight_rows_zero_tokens_and_fp16_extremes_stay_finite(cfg):
+    lin = torch.nn.Linear(64, 8).half()
+    with torch.no_grad():
+        lin.weight[2:5] = 0.0  # dead output rows
+    seq = torch.nn.Sequential(lin)
+    oq.quantize_(seq, cfg)
+    x = torch.randn(4, 64).half()
+    x[0] = 0.0  # an all-zero token: norm 0
+    x[1] = 300.0  # squared norm 64 * 9e4 overflows fp16 (max 65504): norms are taken in fp32
+    y = seq(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, 2:5].float(), lin.bias[2:5].float().expand(4, 3), rtol=0, atol=1e-3)
