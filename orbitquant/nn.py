@@ -195,6 +195,7 @@ class UniformWeight(WeightStore):
         else:
             mn = w.amin(**red) if red else w.min().reshape(1, 1)
             mx = w.amax(**red) if red else w.max().reshape(1, 1)
+            mn, mx = mn.clamp(max=0), mx.clamp(min=0)  # the range holds 0: zero rows and constant rows stay finite
             scale = ((mx - mn) / hi_q).clamp_min(tiny)
             zero = torch.round(-mn / scale)
         q = torch.clamp(torch.round(w / scale) + zero, lo_q, hi_q)

@@ -90,10 +90,11 @@ def fake_quant_uniform(x: torch.Tensor, bits: int, symmetric: bool, dims: tuple[
         return (q * scale).to(x.dtype)
     mn = xf.amin(**red) if dims is not None else xf.min()
     mx = xf.amax(**red) if dims is not None else xf.max()
-    scale = ((mx - mn) / hi_q).clamp_min(tiny)
+    flat = mx == mn  # a constant row (e.g. a token of equal channels): exact as is; a tiny scale would overflow
+    scale = torch.where(flat, torch.ones_like(mx), (mx - mn) / hi_q).clamp_min(tiny)
     zero = torch.round(-mn / scale)
     q = torch.clamp(torch.round(xf / scale) + zero, lo_q, hi_q)
-    return ((q - zero) * scale).to(x.dtype)
+    return torch.where(flat, xf, (q - zero) * scale).to(x.dtype)
 
 
 def fake_quant_groups(x: torch.Tensor, bits: int, symmetric: bool, group: int) -> torch.Tensor:

@@ -204,3 +204,11 @@ def test_sqnr_and_relative_error_helpers():
     assert sqnr_db(x, x * 0.9) == pytest.approx(20.0)  # noise = 0.1 * signal -> 20 dB
     assert relative_error(x, x + torch.tensor([0.0, 0.5])) == pytest.approx(0.1)
     assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
+
+
+def test_asymmetric_fake_quant_keeps_constant_rows_exact():
+    # a token whose channels are all equal has min == max: a floored scale would overflow the zero point (NaN)
+    x = torch.tensor([[300.0] * 8, [0.0] * 8, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    y = fake_quant_uniform(x, 4, False, (-1,))
+    assert torch.isfinite(y).all() and torch.equal(y[:2], x[:2])
+    assert torch.equal(fake_quant_uniform(torch.full((3, 3), 2.5), 4, False, None), torch.full((3, 3), 2.5))

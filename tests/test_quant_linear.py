@@ -416,11 +416,11 @@ def test_all_zero_weight_rows_zero_tokens_and_fp16_extremes_stay_finite(cfg):
     lin = torch.nn.Linear(64, 8).half()
     with torch.no_grad():
         lin.weight[2:5] = 0.0  # dead output rows
-    seq = torch.nn.Sequential(lin)
+    seq, bias = torch.nn.Sequential(lin), lin.bias.detach().clone()
     oq.quantize_(seq, cfg)
     x = torch.randn(4, 64).half()
     x[0] = 0.0  # an all-zero token: norm 0
-    x[1] = 300.0  # squared norm 64 * 9e4 overflows fp16 (max 65504): norms are taken in fp32
+    x[1] = 300.0  # a constant token (min = max) whose squared norm 64 * 9e4 overflows fp16: norms are fp32
     y = seq(x)
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y[:, 2:5].float(), lin.bias[2:5].float().expand(4, 3), rtol=0, atol=1e-3)
+    torch.testing.assert_close(y[:, 2:5].float(), bias[2:5].float().expand(4, 3), rtol=0, atol=1e-3)
