@@ -45,11 +45,13 @@ def main(cfg: DictConfig) -> None:
     try:  # build (and so validate) everything before any heavy work; bad config -> one line, no traceback
         adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
         metrics, protocol = build_metrics(c["eval"]["metrics"]), c["eval"]["protocol"]
+        for m in metrics:
+            m.check()  # feature-net weights present: fail now, not after sampling
         adapter.check_protocol(protocol, c["eval"]["name"])
         needs_calib = quantizer_for(qcfg).needs_calibration
         if needs_calib:
             adapter.check_protocol(c["calib"]["protocol"], "calib=" + c["calib"]["name"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
     identity = run_identity(c, needs_calib)
     diff = None if cfg.overwrite else run.stored_config_diff(identity)

@@ -77,3 +77,18 @@ def test_every_metric_declares_direction():
     for name, cls in METRICS.items():
         assert cls.name == name
         assert isinstance(cls.higher_is_better, bool)
+
+
+def test_metrics_check_their_weights_before_any_work(monkeypatch, tmp_path):
+    import pytest
+
+    from orbitquant.factory import build_metrics
+    from orbitquant.metrics import digits_net
+
+    metrics = build_metrics(["class_acc", "fid_vs_fp", "psnr_vs_fp"])
+    for m in metrics:
+        m.check()  # shipped weights: fine
+    monkeypatch.setattr(digits_net, "CLASSIFIER_PATH", tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="train_digits.py"):
+        metrics[0].check()
+    metrics[2].check()  # PSNR needs no weights

@@ -15,6 +15,11 @@ class Metric:
     needs_reference: ClassVar[bool] = False
     context_cls: ClassVar[type | None] = None  # shared lazy resources (feature nets, real data), one per run
 
+    def check(self) -> None:
+        """Raise (FileNotFoundError / ValueError, naming the fix) if the metric cannot run, e.g. its feature
+        network's weights are missing. Called before the model is loaded, so a run never samples for
+        hours and then fails at scoring."""
+
     def compute(self, samples: Samples, reference: Samples | None, ctx: Any) -> MetricResult:
         raise NotImplementedError
 

@@ -45,6 +45,13 @@ def _fid(ctx: DigitsContext, a: torch.Tensor, b: torch.Tensor) -> float:
 class DigitsMetric(Metric):
     context_cls = DigitsContext
 
+    def check(self) -> None:
+        from .digits_net import CLASSIFIER_PATH
+
+        if not CLASSIFIER_PATH.exists():
+            raise FileNotFoundError(f"metric {self.name}: digit classifier weights not found at {CLASSIFIER_PATH}; "
+                                    "run `python scripts/train_digits.py` to recreate them")
+
 
 @register_metric("fid_vs_fp")
 class FIDvsFP(DigitsMetric):
