@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> None:
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
     from orbitquant.generate import reference_key, reference_samples, save_samples
+    from orbitquant.nn import NONFINITE_EVENTS
     from orbitquant.rundir import RunDir, config_hash, provenance, run_identity
     from orbitquant.tables import format_summary
     from orbitquant.viz import plot_layer_errors
@@ -119,6 +120,7 @@ def main(cfg: DictConfig) -> None:
             files["layer_error"] = "layer_error.png"
         results = {"config": c, "config_hash": config_hash(identity), "metrics": scores, "reference_metrics": ref_scores,
                    "quant_report": qr, "sampling": samples.meta, "timing": times, "files": files,
+                   "nonfinite": {"events": len(NONFINITE_EVENTS), "first": NONFINITE_EVENTS[:20]},
                    "provenance": provenance(cfg.device)}
         run.write_results(results)
     mirror(results, run.path, c["logger"])  # W&B (logger=wandb); never fails the run

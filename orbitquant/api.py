@@ -244,6 +244,7 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
                           src_bits if new is None or new.act.bits == 16 else new.act.bits,
                           _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
         if new is not None:
+            new.nonfinite = config.nonfinite
             x = inputs.pop(ref.fqn, None)
             if x is not None:
                 rec.rel_err = relative_error(m(x), new(x))

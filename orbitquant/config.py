@@ -47,6 +47,8 @@ class QuantConfig:
     * ``adaln``: ``int4_g64`` = INT4 group-64 weight-only RTN with ``adaln_act_dtype`` activations (the
       paper's policy), ``method`` = treat like every other linear, ``fp`` = leave untouched.
     * ``probe_tokens``: rows of each layer's probe input kept to measure per-layer output error.
+    * ``nonfinite``: NaN/Inf reaching a quantized layer raises (naming layer and sampler step), or with
+      ``record`` is logged to ``nn.NONFINITE_EVENTS`` (results.json ``nonfinite``), zeroed, and the run goes on.
     """
 
     method: ClassVar[str] = ""
@@ -56,8 +58,11 @@ class QuantConfig:
     adaln: str = "int4_g64"
     adaln_act_dtype: str | None = "bfloat16"
     probe_tokens: int = 256
+    nonfinite: str = "raise"  # NaN/Inf reaching a quantized layer: "raise" (names layer and step) | "record"
 
     def __post_init__(self) -> None:
+        if self.nonfinite not in ("raise", "record"):
+            raise ValueError(f"nonfinite must be 'raise' or 'record', got {self.nonfinite!r}")
         _bits(self.w_bits, "w_bits")
         _bits(self.a_bits, "a_bits")
         object.__setattr__(self, "skip_roles", tuple(self.skip_roles))

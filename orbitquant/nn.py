@@ -28,6 +28,10 @@ from .primitives import (
 from .rotation import Rotation
 
 
+#: with ``nonfinite="record"``: one entry per quantized-layer call that met NaN/Inf (layer, sampler step, count)
+NONFINITE_EVENTS: list[dict] = []
+
+
 class NonFiniteInput(ValueError):
     """Raised by activation quantizers on NaN/Inf input; ``QuantLinear`` adds the layer name."""
 
@@ -348,6 +352,7 @@ class QuantLinear(nn.Module):
         self.rotation = rotation
         self.compute_dtype = compute_dtype
         self.name, self.treatment = name, treatment
+        self.nonfinite = "raise"  # "raise" | "record" (set by quantize_ from QuantConfig.nonfinite)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("weight", None, persistent=False)
         self.refresh()
@@ -368,8 +373,15 @@ class QuantLinear(nn.Module):
         except NonFiniteInput as e:
             call = current_call()
             where = f" at sampler step {call.step}" if call is not None else ""
-            raise NonFiniteInput(f"layer {self.name!r} ({self.treatment}){where}: {e}; the fp model or an earlier "
-                                 "layer produced it (run quant=fp to check the model alone)") from None
+            if self.nonfinite == "raise":
+                raise NonFiniteInput(f"layer {self.name!r} ({self.treatment}){where}: {e}; the fp model or an "
+                                     "earlier layer produced it (run quant=fp to check the model alone, or "
+                                     "quant.nonfinite=record to record and continue)") from None
+            bad = ~torch.isfinite(x)  # count and zero them in the layer input (a rotation would smear them)
+            NONFINITE_EVENTS.append({"layer": self.name, "step": None if call is None else call.step,
+                                     "values": int(bad.sum())})
+            x0 = torch.where(bad, torch.zeros((), dtype=x.dtype), x)
+            h = self.act(self.rotation(x0) if self.rotation is not None else x0)
         y = F.linear(h.to(self.compute_dtype), self.weight, self.bias)
         return y.to(x.dtype)
 

@@ -142,3 +142,19 @@ def test_nan_reaching_a_quantized_layer_names_the_layer_and_the_sampler_step():
     with pytest.raises(NonFiniteInput, match=r"layer '0' \(orbit w4a8\) at sampler step 7: .*NaN or Inf"):
         with denoiser_call(7):
             m(x)
+
+
+def test_nonfinite_record_policy_logs_zeroes_and_continues():
+    import orbitquant as oq
+    from orbitquant import nn as qnn
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    oq.quantize_(m, oq.OrbitConfig(nonfinite="record"))
+    x = torch.randn(2, 8)
+    x[1, 2] = float("nan")
+    qnn.NONFINITE_EVENTS.clear()
+    with denoiser_call(5):
+        y = m(x)
+    assert torch.isfinite(y).all()
+    assert qnn.NONFINITE_EVENTS == [{"layer": "0", "step": 5, "values": 1}]
+    qnn.NONFINITE_EVENTS.clear()
