@@ -221,10 +221,10 @@ class UniformWeight(WeightStore):
 class GroupWeight(WeightStore):
     """Symmetric per-group integer weights (absmax / (2^(b-1)-1)) with bf16 scales: the adaLN INT4 g64 format."""
 
-    def __init__(self, weight: torch.Tensor, bits: int = 4, group: int = 64) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int = 4, group: int = 64, clip: float = 1.0) -> None:
         super().__init__()
         self.bits, self.group, self.shape = bits, group, tuple(weight.shape)
-        codes, scales = quantize_groups(weight, bits, group)
+        codes, scales = quantize_groups(weight, bits, group, clip)
         lo_q, _ = qrange(bits, True)
         self.register_buffer("codes", pack_codes(codes.to(torch.int32) - lo_q, bits))
         self.register_buffer("scales", scales.to(torch.bfloat16))
@@ -383,7 +383,12 @@ class QuantLinear(nn.Module):
             x0 = torch.where(bad, torch.zeros((), dtype=x.dtype), x)
             h = self.act(self.rotation(x0) if self.rotation is not None else x0)
         y = F.linear(h.to(self.compute_dtype), self.weight, self.bias)
-        return y.to(x.dtype)
+        extra = self.extra(x)
+        return (y if extra is None else y + extra).to(x.dtype)
+
+    def extra(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An unquantized side branch added to the output (None here; SVDQuant's low-rank branch)."""
+        return None
 
     @property
     def nbytes(self) -> int:
@@ -393,3 +398,29 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"treatment={self.treatment!r}, bias={self.bias is not None}")
+
+
+class LowRankQuantLinear(QuantLinear):
+    """``QuantLinear`` plus a 16-bit low-rank branch on the transformed (unquantized) input:
+    ``y = act(T x) Q^T + (T x) D^T U^T + b`` with ``U`` (out, r) and ``D`` (r, in) in bf16 (SVDQuant)."""
+
+    def __init__(self, store: WeightStore, bias: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor,
+                 **kwargs) -> None:
+        super().__init__(store, bias, **kwargs)
+        if up.shape[0] != self.out_features or down.shape[1] != self.in_features or up.shape[1] != down.shape[0]:
+            raise ValueError(f"low-rank factors {tuple(up.shape)} x {tuple(down.shape)} do not fit "
+                             f"({self.out_features}, {self.in_features})")
+        self.register_buffer("lr_up", up.detach().to(torch.bfloat16))
+        self.register_buffer("lr_down", down.detach().to(torch.bfloat16))
+
+    def extra(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.rotation(x) if self.rotation is not None else x).float()
+        return F.linear(F.linear(h, self.lr_down.float()), self.lr_up.float()).to(self.compute_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + sum(t.numel() * t.element_size() for t in (self.lr_up, self.lr_down))
+
+    @property
+    def rank(self) -> int:
+        return self.lr_down.shape[0]

@@ -111,7 +111,7 @@ def fake_quant_groups(x: torch.Tensor, bits: int, symmetric: bool, group: int) -
     return torch.cat([head.flatten(-2), fake_quant_uniform(x[..., main:], bits, symmetric, (-1,))], dim=-1)
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(w: torch.Tensor, bits: int, group: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-group weight quantization along the last dim (absmax / (2^(b-1)-1), codes in [-2^(b-1), 2^(b-1)-1]).
 
     A last dim that ``group`` does not divide gets a shorter final group. Returns ``(codes int8, scales fp32)``
@@ -121,7 +121,7 @@ def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     pad = (-cols) % group
     wp = torch.nn.functional.pad(w.float(), (0, pad)).view(rows, -1, group)
     lo_q, hi_q = qrange(bits, symmetric=True)
-    scales = (wp.abs().amax(dim=-1) / hi_q).clamp_min(torch.finfo(torch.float32).tiny)
+    scales = (wp.abs().amax(dim=-1) * clip / hi_q).clamp_min(torch.finfo(torch.float32).tiny)  # clip < 1 shrinks
     codes = torch.clamp(torch.round(wp / scales[..., None]), lo_q, hi_q).view(rows, -1)[:, :cols]
     return codes.to(torch.int8), scales
 
