@@ -16,9 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from orbitquant.calib import ActivationCollector
 from orbitquant.config import QuantConfig
-from orbitquant.methods.base import Quantizer
+from orbitquant.methods.base import CollectingQuantizer
 from orbitquant.nn import ChannelScale, QuantLinear, StaticUniformActQuant, uniform_act, uniform_store
 from orbitquant.primitives import relative_error
 from orbitquant.registry import register_method
@@ -53,20 +52,12 @@ class SmoothQuantConfig(QuantConfig):
 
 
 @register_method("smoothquant")
-class SmoothQuantQuantizer(Quantizer):
+class SmoothQuantQuantizer(CollectingQuantizer):
     config_cls = SmoothQuantConfig
-    needs_calibration = True
 
-    def prepare(self, layers: list[LayerRef], model=None) -> None:
-        self.layers = layers
-        self.collector = ActivationCollector(reservoir=self.config.reservoir, seed=self.config.seed).attach(layers)
 
     def finish_calibration(self) -> dict:
-        self.collector.__exit__()
-        stats = self.collector.stats
-        missing = [r.fqn for r in self.layers if r.fqn not in stats]
-        if missing:
-            raise RuntimeError(f"calibration never reached {len(missing)} layers, e.g. {missing[:3]}")
+        stats = self.collected()
         self.absmax = {fqn: st.absmax for fqn, st in stats.items()}
         c: SmoothQuantConfig = self.config
         if c.alpha is not None:

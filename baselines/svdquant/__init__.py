@@ -25,9 +25,8 @@ from typing import ClassVar
 
 import torch
 
-from orbitquant.calib import ActivationCollector
 from orbitquant.config import QuantConfig
-from orbitquant.methods.base import Quantizer
+from orbitquant.methods.base import CollectingQuantizer
 from orbitquant.nn import ChannelScale, GroupActQuant, GroupWeight, LowRankQuantLinear
 from orbitquant.primitives import dequantize_groups, fake_quant_groups, quantize_groups
 from orbitquant.registry import register_method
@@ -78,21 +77,12 @@ def low_rank(m: torch.Tensor, rank: int, exact: bool, seed: int) -> torch.Tensor
 
 
 @register_method("svdquant")
-class SVDQuantQuantizer(Quantizer):
+class SVDQuantQuantizer(CollectingQuantizer):
     config_cls = SVDQuantConfig
-    needs_calibration = True
-
-    def prepare(self, layers: list[LayerRef], model=None) -> None:
-        self.layers = layers
-        self.collector = ActivationCollector(reservoir=self.config.reservoir, seed=self.config.seed).attach(layers)
-        self.choices: dict[str, dict] = {}
 
     def finish_calibration(self) -> dict:
-        self.collector.__exit__()
-        stats = self.collector.stats
-        missing = [r.fqn for r in self.layers if r.fqn not in stats]
-        if missing:
-            raise RuntimeError(f"calibration never reached {len(missing)} layers, e.g. {missing[:3]}")
+        self.choices: dict[str, dict] = {}  # per layer: alpha, beta, clip, calibration error, extra params
+        stats = self.collected()
         return {"tokens_per_layer": min(st.tokens for st in stats.values()), "reservoir": self.config.reservoir,
                 "candidates": len(smoothing_candidates(self.config.alpha_grid))}
 
@@ -137,7 +127,7 @@ class SVDQuantQuantizer(Quantizer):
         st = self.collector.stats[ref.fqn]
         w = m.weight.detach().float()
         x = st.reservoir.to(w.device).float()
-        err, ch = self._fit(x, w, st.absmax.to(w.device).float())
+        _, ch = self._fit(x, w, st.absmax.to(w.device).float())
         lam, lr = ch["lam"], ch["lowrank"]
         # clip search on the residual, by the same output error
         y, x_s = x @ w.T, x / lam

@@ -66,3 +66,25 @@ class RotatedQuantizer(Quantizer):
         if d not in self._rotations:
             self._rotations[d] = make_rotation(self.config.rotation, d, self.config.seed)
         return self._rotations[d]
+
+
+class CollectingQuantizer(Quantizer):
+    """A calibrated method fed by an ``ActivationCollector`` on its layers (per-channel absmax, a seeded token
+    reservoir); its config has ``reservoir`` and ``seed``."""
+
+    needs_calibration = True
+
+    def prepare(self, layers: list[LayerRef], model: nn.Module | None = None) -> None:
+        from ..calib import ActivationCollector
+
+        self.layers = layers
+        self.collector = ActivationCollector(reservoir=self.config.reservoir, seed=self.config.seed).attach(layers)
+
+    def collected(self) -> dict:
+        """Detach the hooks and return the per-layer statistics, every target layer present."""
+        self.collector.__exit__()
+        stats = self.collector.stats
+        missing = [r.fqn for r in self.layers if r.fqn not in stats]
+        if missing:
+            raise RuntimeError(f"calibration never reached {len(missing)} layers, e.g. {missing[:3]}")
+        return stats
