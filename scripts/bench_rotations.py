@@ -6,8 +6,8 @@
 Synthetic stress (per dim d): 512 tokens of N(0, 1) activations with a nonzero mean (0.5) and 8 outlier
 channels x40, Student-t (df 4) weights of 512 output rows; 3 rotation seeds. Per rotation: the relative
 output error of an OrbitQuant W4A4 layer (and W4A8), the KS distance of the normalized rotated coordinates
-(times sqrt(d)) to N(0, 1), and the rotation's CPU time on the 512 tokens relative to RPBH (median of
-repeats, 1 thread, fp32). Real activations: the inputs of every quantized linear of the digits and
+(times sqrt(d)) to N(0, 1), and the rotation's CPU time on the 512 tokens relative to RPBH (timed back to
+back in each of 25 rounds, median ratio: robust to other load on the machine; 1 thread, fp32). Real activations: the inputs of every quantized linear of the digits and
 digits_outliers models on the probe batch (d = 96 and 384). Writes a Markdown + CSV table and the
 paper-style histogram figure (normalized rotated coordinates vs the N(0, 1/d) density, KS in the legend).
 """
@@ -61,13 +61,17 @@ def layer_error(x: torch.Tensor, w: torch.Tensor, rotation: str, seed: int, w_bi
     return relative_error(ref, seq(x))
 
 
-def rotation_time(rot: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
-    times = []
-    for _ in range(repeats):
+def timed(rot: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor, rounds: int = 25) -> tuple[float, float]:
+    """(median seconds of ``rot``, median of per-round time ratios rot / ref). Each round times the two back
+    to back, so a load change on a shared machine hits both and cancels in the ratio."""
+    def once(m):
         t = time.perf_counter()
-        rot(x)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        m(x)
+        return time.perf_counter() - t
+
+    once(rot), once(ref)  # warm-up
+    pairs = [(once(rot), once(ref)) for _ in range(rounds)]
+    return float(np.median([a for a, _ in pairs])), float(np.median([a / b for a, b in pairs]))
 
 
 def synthetic(dims: list[int], seeds: list[int]) -> pd.DataFrame:
@@ -78,10 +82,11 @@ def synthetic(dims: list[int], seeds: list[int]) -> pd.DataFrame:
             for seed in seeds:
                 rot = qbase.make_rotation(rot_name, d, seed)
                 with torch.no_grad():
+                    seconds, ratio = timed(rot, qbase.make_rotation("rpbh", d, seed), x)
                     rows.append({"source": "synthetic", "d": d, "rotation": rot_name, "seed": seed,
                                  "w4a4_err": layer_error(x, w, rot_name, seed, 4, 4),
                                  "w4a8_err": layer_error(x, w, rot_name, seed, 4, 8),
-                                 "ks": ks_normal(rot(x)), "seconds": rotation_time(rot, x)})
+                                 "ks": ks_normal(rot(x)), "seconds": seconds, "time_vs_rpbh": ratio})
         print(f"d={d} done", flush=True)
     return pd.DataFrame(rows)
 
@@ -160,10 +165,9 @@ def main() -> None:
     real = real_activations(["digits", "digits_outliers"], seeds)
     agg = syn.groupby(["d", "rotation"]).agg(w4a4_err=("w4a4_err", "mean"), w4a4_std=("w4a4_err", "std"),
                                              w4a8_err=("w4a8_err", "mean"), ks=("ks", "mean"),
-                                             seconds=("seconds", "median")).reset_index()
-    rp = agg[agg.rotation == "rpbh"].set_index("d")
+                                             seconds=("seconds", "median"),
+                                             time_vs_rpbh=("time_vs_rpbh", "median")).reset_index()
     hr = agg[agg.rotation == "haar"].set_index("d")
-    agg["time_vs_rpbh"] = agg.apply(lambda r: r.seconds / rp.loc[r.d, "seconds"], axis=1)
     agg["err_vs_haar"] = agg.apply(lambda r: r.w4a4_err / hr.loc[r.d, "w4a4_err"], axis=1)
     order = {n: i for i, n in enumerate(ROTATIONS)}
     agg = agg.sort_values(["d", "rotation"], key=lambda c: c.map(order) if c.name == "rotation" else c)
@@ -186,7 +190,8 @@ def main() -> None:
             f"CPU, 1 thread, fp32; {torch.__version__}. Synthetic stress: 512 tokens, N(0,1)+0.5 with 8 outlier "
             "channels x40, Student-t(4) weights (512 rows); mean over rotation seeds "
             f"{seeds}. Error = relative output error of one OrbitQuant layer; KS = distance of sqrt(d) x'/||x'|| "
-            "to N(0,1); time = the rotation alone on the 512 tokens, median of 15, relative to RPBH.\n\n"
+            "to N(0,1); time = the rotation alone on the 512 tokens (median of 25), and its ratio to RPBH "
+            "timed back to back in each round (median).\n\n"
             "## Synthetic stress\n\n" + show.to_markdown(index=False) +
             "\n\n## Real activations: every quantized linear's probe inputs (digits models; mean over layers, "
             "then mean ± std over rotation seeds)\n\n"
