@@ -39,6 +39,14 @@ def check_symmetric_bits(config) -> None:
             raise ValueError(f"{what}_bits=1 needs {what}_symmetric=false (symmetric RTN needs >= 2 bits)")
 
 
+def check_rotation(kind: str) -> None:
+    """A rotation name from ``rotation.ROTATIONS``, with the valid ones in the error."""
+    from .rotation import ROTATIONS
+
+    if kind not in ROTATIONS:
+        raise ValueError(f"unknown rotation {kind!r}; valid: {', '.join(ROTATIONS)}")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Fields shared by every method: bit widths and the layer policy by role.
@@ -132,10 +140,7 @@ class OrbitConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .rotation import ROTATIONS
-
-        if self.rotation not in ROTATIONS:
-            raise ValueError(f"unknown rotation {self.rotation!r}; valid: {', '.join(ROTATIONS)}")
+        check_rotation(self.rotation)
         if self.codebook not in ("beta", "gaussian"):
             raise ValueError(f"codebook must be 'beta' or 'gaussian', got {self.codebook!r}")
         if not self.eps > 0:

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orbitquant.config import QuantConfig, check_symmetric_bits
+from orbitquant.config import QuantConfig, check_rotation, check_symmetric_bits
 from orbitquant.methods.base import RotatedQuantizer
 from orbitquant.nn import QuantLinear, uniform_act, uniform_store
 from orbitquant.registry import register_method
-from orbitquant.rotation import ROTATIONS
 from orbitquant.types import LayerRef
 
 
@@ -31,8 +30,7 @@ class HadamardRTNConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rotation not in ROTATIONS:
-            raise ValueError(f"unknown rotation {self.rotation!r}; valid: {', '.join(ROTATIONS)}")
+        check_rotation(self.rotation)
         check_symmetric_bits(self)
 
 
