@@ -367,9 +367,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"layer {self.name!r} expects input dim {self.in_features}, got {tuple(x.shape)}")
-        h = self.rotation(x) if self.rotation is not None else x
+        t = self.rotation(x) if self.rotation is not None else x  # the transformed, unquantized input
         try:
-            h = self.act(h)
+            h = self.act(t)
         except NonFiniteInput as e:
             call = current_call()
             where = f" at sampler step {call.step}" if call is not None else ""
@@ -381,13 +381,15 @@ class QuantLinear(nn.Module):
             NONFINITE_EVENTS.append({"layer": self.name, "step": None if call is None else call.step,
                                      "values": int(bad.sum())})
             x0 = torch.where(bad, torch.zeros((), dtype=x.dtype), x)
-            h = self.act(self.rotation(x0) if self.rotation is not None else x0)
+            t = self.rotation(x0) if self.rotation is not None else x0
+            h = self.act(t)
         y = F.linear(h.to(self.compute_dtype), self.weight, self.bias)
-        extra = self.extra(x)
+        extra = self.extra(t)
         return (y if extra is None else y + extra).to(x.dtype)
 
-    def extra(self, x: torch.Tensor) -> torch.Tensor | None:
-        """An unquantized side branch added to the output (None here; SVDQuant's low-rank branch)."""
+    def extra(self, t: torch.Tensor) -> torch.Tensor | None:
+        """An unquantized side branch on the transformed input ``t``, added to the output (None here;
+        SVDQuant's low-rank branch)."""
         return None
 
     @property
@@ -413,9 +415,8 @@ class LowRankQuantLinear(QuantLinear):
         self.register_buffer("lr_up", up.detach().to(torch.bfloat16))
         self.register_buffer("lr_down", down.detach().to(torch.bfloat16))
 
-    def extra(self, x: torch.Tensor) -> torch.Tensor:
-        h = (self.rotation(x) if self.rotation is not None else x).float()
-        return F.linear(F.linear(h, self.lr_down.float()), self.lr_up.float()).to(self.compute_dtype)
+    def extra(self, t: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(t.float(), self.lr_down.float()), self.lr_up.float()).to(self.compute_dtype)
 
     @property
     def nbytes(self) -> int:
