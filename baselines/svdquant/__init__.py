@@ -76,6 +76,11 @@ def low_rank(m: torch.Tensor, rank: int, exact: bool, seed: int) -> torch.Tensor
     return (u[:, :rank] * s[:rank]) @ v[:, :rank].T
 
 
+def _output_error(y: torch.Tensor, x_s: torch.Tensor, x_q: torch.Tensor, lr: torch.Tensor, q: torch.Tensor) -> float:
+    """Relative layer output error ``||y - (X^ L^T + fq_a(X^) Q^T)|| / ||y||``: the objective of every search."""
+    return ((y - (x_s @ lr.T + x_q @ q.T)).norm() / y.norm()).item()
+
+
 @register_method("svdquant")
 class SVDQuantQuantizer(CollectingQuantizer):
     config_cls = SVDQuantConfig
@@ -97,7 +102,7 @@ class SVDQuantQuantizer(CollectingQuantizer):
         for it in range(iters):
             lr = low_rank(w_s - q, c.rank, c.exact_svd, c.seed + it)
             q_new = self._fq_w(w_s - lr)
-            err = ((y - (x_s @ lr.T + x_q @ q_new.T)).norm() / y.norm()).item()
+            err = _output_error(y, x_s, x_q, lr, q_new)
             if err >= prev:  # early stop at the first non-improvement
                 break
             prev, q, keep = err, q_new, lr
@@ -117,8 +122,9 @@ class SVDQuantQuantizer(CollectingQuantizer):
             if err < best_err:
                 best_err, best = err, {"alpha": alpha, "beta": beta, "lam": lam}
         x_s = x / best["lam"]
-        best_err, best["lowrank"] = self._split(y, x_s, fake_quant_groups(x_s, c.a_bits, True, c.group),
-                                                w * best["lam"], c.lowrank_iters)
+        x_q = fake_quant_groups(x_s, c.a_bits, True, c.group)
+        best_err, best["lowrank"] = self._split(y, x_s, x_q, w * best["lam"], c.lowrank_iters)
+        best.update(y=y, x_s=x_s, x_q=x_q)  # reused by the clip search
         return best_err, best
 
     def quantize_layer(self, ref: LayerRef) -> LowRankQuantLinear:
@@ -130,11 +136,9 @@ class SVDQuantQuantizer(CollectingQuantizer):
         _, ch = self._fit(x, w, st.absmax.to(w.device).float())
         lam, lr = ch["lam"], ch["lowrank"]
         # clip search on the residual, by the same output error
-        y, x_s = x @ w.T, x / lam
-        x_q = fake_quant_groups(x_s, c.a_bits, True, c.group)
         resid = w * lam - lr
         shrinks = torch.linspace(1.0 - c.max_shrink, 1.0, c.clip_grid).tolist() if c.clip_grid > 1 else [1.0]
-        errs = [((y - (x_s @ lr.T + x_q @ self._fq_w(resid, s).T)).norm() / y.norm()).item() for s in shrinks]
+        errs = [_output_error(ch["y"], ch["x_s"], ch["x_q"], lr, self._fq_w(resid, s)) for s in shrinks]
         clip = shrinks[min(range(len(errs)), key=errs.__getitem__)]
         self.choices[ref.fqn] = {"alpha": ch["alpha"], "beta": ch["beta"], "clip": clip,
                                  "calib_err": min(errs), "extra_params": c.rank * (m.in_features + m.out_features)}
