@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> None:
     from orbitquant import distributed, quantize_
     from orbitquant.api import quantizer_for
     from orbitquant.artifacts import calibration_path
+    from orbitquant.cli import fp_bits_error
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
     from orbitquant.generate import reference_key, reference_samples, save_samples
@@ -45,6 +46,9 @@ def main(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     try:  # build (and so validate) everything before any heavy work; bad config -> one line, no traceback
         adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
+        hc = HydraConfig.get()
+        if err := fp_bits_error(qcfg.method, list(hc.overrides.task), str(hc.mode) == "RunMode.MULTIRUN"):
+            sys.exit(err)
         metrics, protocol = build_metrics(c["eval"]["metrics"]), c["eval"]["protocol"]
         for m in metrics:
             m.check()  # feature-net weights present: fail now, not after sampling
@@ -128,4 +132,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from orbitquant.cli import check_group_overrides
+
+    if err := check_group_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf"):
+        sys.exit(err)  # before Hydra: one line with the nearest option instead of Hydra's search-path dump
     main()

@@ -54,7 +54,7 @@ def _run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.Comp
     overrides = [a for a in args if not a.startswith("-")]
     cmd = [sys.executable, str(ROOT / "run.py"), *flags, f"results_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache",
            "progress=false", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"run.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -100,9 +100,11 @@ def test_multirun_sweeps_into_the_same_layout(tmp_path):
 
 #: the README's "Reliability" table: each bad input and the one clear error it gets (before any heavy work)
 BAD_INPUTS = [
-    (["quant=orbt"], "orbit"),                      # Hydra lists the available options
-    (["model=flux2"], "flux1_dev"),
-    (["eval=digit"], "digits"),
+    (["quant=orbt"], "did you mean quant=orbit"),   # checked before Hydra: the nearest option, then all
+    (["model=flux2"], "valid: cogvideox_2b"),
+    (["eval=digit"], "did you mean eval=digits"),
+    (["-m", "quant=orbit,smothquant"], "did you mean quant=smoothquant"),
+    (["quant=fp", "a_bits=4"], "quant=fp runs the unquantized model and ignores a_bits=4"),
     (["w_bits=9"], "w_bits must be an integer in 1..8"),
     (["w_bits=0"], "w_bits must be an integer in 1..8"),
     (["a_bits=four"], "a_bits must be an integer in 1..8"),
@@ -194,3 +196,15 @@ def test_same_config_and_seeds_give_bit_identical_samples_and_metrics(tmp_path):
     _run([*args, "overwrite=true", f"cache_dir={tmp_path}/cache2"], tmp_path)  # fresh fp reference too
     assert np.array_equal(first, np.load(run_dir / "samples/samples.npz")["images"])
     assert json.loads((run_dir / "results.json").read_text())["metrics"] == m1
+
+
+def test_group_check_passes_valid_overrides_and_leaves_hydra_groups_and_sweep_functions_to_hydra():
+    from orbitquant.cli import check_group_overrides, fp_bits_error
+
+    ok = ["quant=orbit,rtn", "+experiment=digits", "bits=null", "quant.alpha=0.5", "w_bits=4", "-m",
+          "hydra/launcher=joblib", "seed=range(0,3)", "quant=choice(orbit,rtn)"]
+    assert check_group_overrides(ok, CONF) is None
+    assert "did you mean bits=w4a8" in check_group_overrides(["bits=w4a9"], CONF)
+    assert fp_bits_error("fp", ["bits=w4a8"], multirun=True) is None  # sweeps list fp beside quantizers
+    assert fp_bits_error("orbit", ["bits=w4a8"], multirun=False) is None
+    assert "ignores bits=w4a8" in fp_bits_error("fp", ["bits=w4a8"], multirun=False)
