@@ -3,4 +3,4 @@
 Importing this package registers them (``orbitquant.registry.METHODS`` imports it lazily).
 """
 
-from . import hadamard_rtn, qdit, smoothquant, svdquant  # noqa: F401
+from . import hadamard_rtn, ptq4dit, qdit, smoothquant, svdquant, vidit_q  # noqa: F401
