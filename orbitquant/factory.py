@@ -40,8 +40,30 @@ def build_quant_config(quant_cfg: dict) -> QuantConfig:
     return cls(**kwargs)
 
 
-def build_metrics(names: list[str]) -> list[Metric]:
-    return [METRICS.get(n)() for n in names]
+def metric_specs(spec) -> list[tuple[str, dict]]:
+    """``eval.metrics`` -> ``[(name, options)]``. Accepted: a list of names and/or one-key ``{name: options}`` dicts,
+    or one mapping ``name -> options`` (``None`` = defaults), e.g. ``{fid: {reference: /data/ref.npz}, isc: null}``
+    (then ``eval.metrics.fid.reference=...`` works on the command line)."""
+    items = spec.items() if isinstance(spec, dict) else [
+        next(iter(e.items())) if isinstance(e, dict) and len(e) == 1 else (e, None) for e in spec]
+    out = []
+    for name, opts in items:
+        if not isinstance(name, str) or not (opts is None or isinstance(opts, dict)):
+            raise ValueError(f"bad metric entry {name!r}: {opts!r}; give a name or {{name: {{option: value}}}}")
+        out.append((name, dict(opts or {})))
+    return out
+
+
+def build_metrics(spec) -> list[Metric]:
+    """Metric instances from ``eval.metrics`` (see ``metric_specs``); unknown options name the valid ones."""
+    metrics = []
+    for name, opts in metric_specs(spec):
+        cls = METRICS.get(name)
+        try:
+            metrics.append(cls(**opts))
+        except TypeError as e:
+            raise TypeError(f"bad options {sorted(opts)} for metric {name!r}: {e}") from None
+    return metrics
 
 
 def metric_contexts(metrics: list[Metric]) -> dict[type, Any]:

@@ -1,7 +1,7 @@
 """Metrics; importing this package registers them."""
 
-from . import digits, similarity  # noqa: F401
+from . import digits, inception, similarity  # noqa: F401
 from .base import Metric
 from .digits import DigitsContext
 
-__all__ = ["Metric", "DigitsContext"]
+__all__ = ["DigitsContext", "Metric"]

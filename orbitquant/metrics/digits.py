@@ -15,8 +15,9 @@ import torch
 from ..registry import register_metric
 from ..types import MetricResult
 from .base import Metric
-from .similarity import paired as _paired
 from .digits_net import DigitFeatures, DigitLogits, load_classifier
+from .similarity import paired as _paired
+
 
 class DigitsContext:
     """Lazily loaded classifier and real-data features shared by the digits metrics."""
@@ -33,6 +34,9 @@ class DigitsContext:
 
 
 def _fid(ctx: DigitsContext, a: torch.Tensor, b: torch.Tensor) -> float:
+    from .features import prepare_torch_fidelity
+
+    prepare_torch_fidelity()  # a torch-fidelity install without torchvision would break the import below
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     fid = FrechetInceptionDistance(feature=DigitFeatures(ctx.net))

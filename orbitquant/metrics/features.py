@@ -1,0 +1,286 @@
+"""Shared feature extraction for the image metrics: uint8 conversion, batched extraction on the run's device with a
+progress bar, an on-disk feature cache, reference sets (image folders, ADM ``.npz`` batches, sample files), and the
+InceptionV3 of torch-fidelity (the FID/IS/sFID/precision-recall backbone) with its weight lookup.
+
+A feature extractor is any ``nn.Module`` with
+
+* ``identity: str`` -- names the network *and its weights* (a checksum); it keys the feature cache;
+* ``outputs: tuple[str, ...]`` -- the feature names it returns;
+* ``forward(x: uint8 (N, 3, H, W)) -> dict[str, Tensor (N, D)]``.
+
+Tests pass small locally built extractors of this shape; real runs use :class:`InceptionV3`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+#: the file torch-fidelity (and torchmetrics' FID/IS/KID) downloads: TF's 2015-12-05 Inception graph, converted
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_ENV = "ORBITQUANT_INCEPTION_WEIGHTS"
+FEATURE_CACHE_ENV = "ORBITQUANT_FEATURE_CACHE"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------- images
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1], (N, C, H, W) or videos (N, F, C, H, W) -> uint8 (M, 3, H, W) (frames flattened, grey
+    repeated to RGB), rounded like a saved PNG (diffusers' ``numpy_to_pil``: ``round(255 * (x + 1) / 2)``)."""
+    if images.dtype == torch.uint8:
+        x = images
+    else:
+        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.ndim == 5:
+        x = x.flatten(0, 1)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (N, 1|3, H, W) or videos (N, F, 1|3, H, W), got {tuple(images.shape)}")
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _center_crop_resize(im, size: int | None):
+    from PIL import Image
+
+    im = im.convert("RGB")
+    if size is None:
+        return im
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im.resize((size, size), Image.BICUBIC) if s != size else im
+
+
+def load_image_folder(path: str | Path, size: int | None = None, limit: int | None = None) -> torch.Tensor:
+    """All images under ``path`` (sorted, recursive) as uint8 (N, 3, size, size): centre square crop, bicubic resize
+    (the usual COCO / MJHQ reference preparation). ``size=None`` keeps sizes (they must then all agree)."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    arrs = []
+    for f in files:
+        with Image.open(f) as im:
+            arrs.append(np.asarray(_center_crop_resize(im, size), dtype=np.uint8))
+    shapes = {a.shape for a in arrs}
+    if len(shapes) > 1:
+        raise ValueError(f"images under {path} differ in size ({sorted(shapes)[:3]}...); give a resolution to resize to")
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def file_checksum(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_checksum(x: torch.Tensor) -> str:
+    h = hashlib.sha256(str((tuple(x.shape), str(x.dtype))).encode())
+    h.update(x.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_cache_dir() -> Path | None:
+    env = os.environ.get(FEATURE_CACHE_ENV)
+    return Path(env) if env else None
+
+
+@torch.no_grad()
+def extract(images: torch.Tensor, extractor: nn.Module, *, batch_size: int = 64, device: str | None = "auto",
+            progress: bool = True, desc: str = "features", cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """``extractor``'s features of every image, float32 (N, D) on the CPU.
+
+    Images go through :func:`to_uint8` first. With ``cache_dir`` the features are stored there as
+    ``<extractor identity>-<sha256 of the uint8 images>.npz`` and reused on the next call (a re-score of a run, or
+    the fp reference shared by every run of a sweep).
+    """
+    from tqdm.auto import tqdm
+
+    x = to_uint8(images)
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{extractor.identity}|{tensor_checksum(x)}".encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"{_safe(extractor.identity)}-{key}.npz"
+        if path.exists():
+            try:
+                with np.load(path) as data:
+                    cached = {k: torch.from_numpy(data[k]) for k in extractor.outputs}
+                if all(len(v) == len(x) for v in cached.values()):
+                    return cached
+            except (OSError, KeyError, ValueError):
+                pass  # unreadable or stale: recompute and overwrite
+    dev = resolve_device(device)
+    extractor = extractor.to(dev).eval()
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in extractor.outputs}
+    with torch.inference_mode(False), tqdm(total=len(x), desc=desc, unit="img", disable=not progress,
+                                           leave=False) as bar:
+        for start in range(0, len(x), batch_size):
+            out = extractor(x[start:start + batch_size].to(dev))
+            for k in extractor.outputs:
+                chunks[k].append(out[k].detach().float().flatten(1).cpu())
+            bar.update(min(batch_size, len(x) - start))
+    feats = {k: torch.cat(v) for k, v in chunks.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
+        os.replace(tmp, path)
+    return feats
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:60]
+
+
+# ---------------------------------------------------------------------------------------------- references
+class RealSet:
+    """A reference set: images (uint8, for features) and/or precomputed Fréchet statistics.
+
+    Sources: a folder of images; an ``.npz`` -- the ADM reference batch (``arr_0`` uint8 NHWC images, ``mu``/``sigma``
+    pool-3 and ``mu_s``/``sigma_s`` spatial statistics, e.g. ``VIRTUAL_imagenet256_labeled.npz``), a stats-only file
+    (``mu``/``sigma``), or a harness ``samples.npz`` (``images`` in [-1, 1]).
+    """
+
+    def __init__(self, path: str | Path, size: int | None = None, limit: int | None = None) -> None:
+        self.path, self.size, self.limit = Path(path), size, limit
+        self._images: torch.Tensor | None = None
+        self.stats: dict[str, np.ndarray] = {}
+        if self.path.suffix == ".npz":
+            with np.load(self.path) as data:
+                self.stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data.files}
+                self._has_images = "arr_0" in data.files or "images" in data.files
+
+        else:
+            self._has_images = True
+
+    def check(self) -> None:
+        if not self.path.exists():
+            raise FileNotFoundError(f"reference {self.path} not found")
+
+    @property
+    def has_images(self) -> bool:
+        return self._has_images
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            if self.path.suffix == ".npz":
+                with np.load(self.path) as data:
+                    if "arr_0" in data.files:  # ADM: uint8 (N, H, W, 3)
+                        arr = torch.from_numpy(data["arr_0"][: self.limit]).permute(0, 3, 1, 2).contiguous()
+                    elif "images" in data.files:  # a harness samples.npz
+                        arr = to_uint8(torch.from_numpy(data["images"][: self.limit]))
+                    else:
+                        raise ValueError(f"{self.path} holds statistics only ({', '.join(self.stats)}), no images "
+                                         "(arr_0); precision/recall need the reference images")
+            else:
+                arr = load_image_folder(self.path, self.size, self.limit)
+            self._images = arr
+        return self._images
+
+
+# ---------------------------------------------------------------------------------------------- InceptionV3
+def _torchvision_importable() -> bool:
+    if "torchvision" in sys.modules:
+        return True
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        importlib.import_module("torchvision")
+        return True
+    except Exception:  # noqa: BLE001 - e.g. "operator torchvision::nms does not exist" beside a CPU torch wheel
+        return False
+
+
+def prepare_torch_fidelity() -> bool:
+    """Make ``torch_fidelity`` importable without torchvision (False if it is not installed). Call before importing
+    ``torchmetrics.image.fid``: torchmetrics imports torch-fidelity whenever it is installed."""
+    if "torch_fidelity" in sys.modules:
+        return True
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        return False
+    if not _torchvision_importable():
+        pkg = types.ModuleType("torch_fidelity")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__, pkg.__version__ = spec, "stub"
+        sys.modules["torch_fidelity"] = pkg
+    return True
+
+
+def import_torch_fidelity_inception():
+    """torch-fidelity's ``FeatureExtractorInceptionV3``. torch-fidelity's ``__init__`` imports torchvision; where
+    torchvision cannot be imported (the CPU torch wheel) the package is registered without running it, and the
+    Inception module (plain torch) imports normally -- features are identical (SCALEOUT_STACK section 5)."""
+    if not prepare_torch_fidelity():
+        raise ModuleNotFoundError("InceptionV3 features need torch-fidelity: `pip install --no-deps torch-fidelity` "
+                                  "(or `pip install -e '.[metrics]'` where torchvision works)")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3
+
+
+def find_inception_weights(path: str | Path | None = None) -> Path:
+    """The torch-fidelity Inception weights: ``path`` (a metric option), else ``$ORBITQUANT_INCEPTION_WEIGHTS``, else
+    torch.hub's cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity and torchmetrics download it). Raises
+    one FileNotFoundError naming the file and where it comes from."""
+    candidates = [Path(p).expanduser() for p in (path, os.environ.get(INCEPTION_ENV)) if p]
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    for c in candidates or [hub]:
+        if c.is_file():
+            return c
+    where = ", ".join(str(c) for c in candidates) if candidates else str(hub)
+    raise FileNotFoundError(
+        f"InceptionV3 weights not found at {where}. Download {INCEPTION_URL} (the FID Inception of torch-fidelity / "
+        f"torchmetrics) and put it at {hub}, or point `inception_weights:` (or ${INCEPTION_ENV}) at the file")
+
+
+class InceptionV3(nn.Module):
+    """torch-fidelity's TF-exact InceptionV3 (TF bilinear resize to 299) returning ``pool3`` (2048, FID and
+    precision/recall), ``logits_unbiased`` (1008, Inception Score) and ``spatial`` (2023 = the first 7 channels of
+    ``mixed_6/conv`` = ``Mixed_6d.branch1x1``, 17x17, flattened HWC as in ADM's evaluator: sFID)."""
+
+    outputs = ("pool3", "logits_unbiased", "spatial")
+
+    def __init__(self, weights: str | Path | None = None, net: nn.Module | None = None) -> None:
+        super().__init__()
+        if net is None:
+            path = find_inception_weights(weights)
+            cls = import_torch_fidelity_inception()
+            net = cls("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path))
+            self.identity = f"inception2015-{file_checksum(path)[:12]}"
+        else:  # a locally built network of the same class (tests)
+            self.identity = "inception2015-" + hashlib.sha256(
+                b"".join(t.detach().cpu().numpy().tobytes() for t in net.state_dict().values())).hexdigest()[:12]
+        self.net = net
+        self._spatial: torch.Tensor | None = None
+        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, _mod, _inp, out) -> None:
+        self._spatial = out[:, :7].permute(0, 2, 3, 1).flatten(1)  # NHWC like TF, 17*17*7 = 2023
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool3, logits = self.net(x)
+        spatial, self._spatial = self._spatial, None
+        return {"pool3": pool3, "logits_unbiased": logits, "spatial": spatial}

@@ -1,0 +1,252 @@
+"""FID, sFID, Inception Score and improved precision/recall on InceptionV3 features (the ImageNet protocol of ADM,
+Q-DiT and PTQ4DiT; FID also for COCO / MJHQ folders).
+
+Options (``eval.metrics`` entries, e.g. ``{fid: {reference: /data/VIRTUAL_imagenet256_labeled.npz}}``):
+
+``reference``
+    what the samples are compared with: a folder of images (centre-cropped and resized to ``resolution``), an ``.npz``
+    (ADM reference batch: ``arr_0`` images + ``mu``/``sigma``/``mu_s``/``sigma_s``; or statistics only), a harness
+    ``samples.npz``, or ``fp`` (the fp model's samples under the same noise).
+``inception_weights``
+    torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``; default ``$ORBITQUANT_INCEPTION_WEIGHTS``, then
+    ``$TORCH_HOME/hub/checkpoints/``.
+``batch_size``, ``device`` (``auto`` = cuda if available), ``progress``, ``cache_dir`` (feature cache; default: the
+samples' folder when they were loaded from disk, ``$ORBITQUANT_FEATURE_CACHE``, else ``~/.cache/orbitquant/features``),
+``resolution`` (reference folder images), ``limit`` (use the first N reference images), ``k`` (precision/recall,
+default 3), ``split_size`` (Inception Score, default 5000 as ADM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..registry import register_metric
+from ..types import MetricResult, Samples
+from . import stats
+from .base import Metric
+from .features import (
+    InceptionV3,
+    RealSet,
+    extract,
+    find_inception_weights,
+    import_torch_fidelity_inception,
+    resolve_device,
+)
+
+
+def default_feature_cache() -> Path:
+    env = os.environ.get("ORBITQUANT_FEATURE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orbitquant" / "features"
+
+
+def per_sample(values: torch.Tensor | np.ndarray, digits: int = 6) -> list[float]:
+    """Per-sample values for results.json (paired analyses across methods share seeds, so sample i matches)."""
+    return [float(f"{v:.{digits}g}") for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+class FeatureContext:
+    """Feature extractors and features shared by the metrics of one run (FID, sFID, IS and precision/recall all read
+    one Inception pass)."""
+
+    def __init__(self) -> None:
+        self._extractors: dict[Any, torch.nn.Module] = {}
+        self._features: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._reals: dict[tuple, RealSet] = {}
+        self._pr: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extractor(self, metric: InceptionMetric) -> torch.nn.Module:
+        key = id(metric.extractor_module) if metric.extractor_module is not None else metric.inception_weights
+        if key not in self._extractors:
+            self._extractors[key] = metric.extractor_module or InceptionV3(metric.inception_weights)
+        return self._extractors[key]
+
+    def real(self, metric: InceptionMetric) -> RealSet:
+        key = (str(metric.reference), metric.resolution, metric.limit)
+        if key not in self._reals:
+            self._reals[key] = RealSet(metric.reference, metric.resolution, metric.limit)
+        return self._reals[key]
+
+    def sample_features(self, metric: InceptionMetric, samples: Samples, desc: str) -> dict[str, torch.Tensor]:
+        net = self.extractor(metric)
+        x = samples.images
+        key = (net.identity, id(x), x.data_ptr(), tuple(x.shape), x._version)
+        if key not in self._features:
+            cache = metric.cache_dir
+            if cache is None and samples.meta.get("source"):
+                cache = Path(samples.meta["source"]).parent / "features"
+            self._features[key] = extract(x, net, batch_size=metric.batch_size, device=metric.device,
+                                          progress=metric.progress, desc=desc,
+                                          cache_dir=cache if cache is not None else default_feature_cache())
+        return self._features[key]
+
+    def real_features(self, metric: InceptionMetric, real: RealSet) -> dict[str, torch.Tensor]:
+        """Features of a reference set, cached on disk under the reference's checksum (no image decoding on a hit)."""
+        net = self.extractor(metric)
+        key = (net.identity, str(real.path), real.size, real.limit)
+        if key not in self._features:
+            cache = Path(metric.cache_dir) if metric.cache_dir is not None else default_feature_cache()
+            path = cache / f"{net.identity}-ref-{_reference_id(real)}.npz"
+            feats = None
+            if path.exists():
+                with np.load(path) as data:
+                    if all(k in data.files for k in net.outputs):
+                        feats = {k: torch.from_numpy(data[k]) for k in net.outputs}
+            if feats is None:
+                feats = extract(real.images, net, batch_size=metric.batch_size, device=metric.device,
+                                progress=metric.progress, desc=f"reference features ({real.path.name})")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+                np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
+                os.replace(tmp, path)
+            self._features[key] = feats
+        return self._features[key]
+
+    def precision_recall(self, metric: InceptionMetric, samples: Samples, reference: Samples | None):
+        fake = self.sample_features(metric, samples, "Inception features")["pool3"]
+        real = metric.real_pool3(self, reference)
+        key = (id(fake), id(real), metric.k)
+        if key not in self._pr:
+            self._pr[key] = stats.precision_recall(real, fake, k=metric.k, device=resolve_device(metric.device))
+        return self._pr[key]
+
+
+def _reference_id(real: RealSet) -> str:
+    h = hashlib.sha256(f"{real.size}|{real.limit}".encode())
+    if real.path.is_file():
+        from .features import file_checksum
+
+        h.update(file_checksum(real.path).encode())
+    else:  # a folder: names, sizes and modification times of its images
+        for p in sorted(real.path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(real.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+class InceptionMetric(Metric):
+    context_cls = FeatureContext
+    feature: str = "pool3"
+    uses_real = True
+
+    def __init__(self, reference: str | None = None, inception_weights: str | None = None, batch_size: int = 50,
+                 device: str = "auto", progress: bool = True, cache_dir: str | None = None,
+                 resolution: int | None = None, limit: int | None = None, k: int = 3, split_size: int = 5000,
+                 extractor: torch.nn.Module | None = None) -> None:
+        self.reference = reference
+        self.inception_weights = inception_weights
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+        self.cache_dir = cache_dir
+        self.resolution, self.limit, self.k, self.split_size = resolution, limit, k, split_size
+        self.extractor_module = extractor  # a locally built extractor (tests); default: InceptionV3
+        self.needs_reference = self.uses_real and reference == "fp"
+
+    def check(self) -> None:
+        if self.extractor_module is None:
+            find_inception_weights(self.inception_weights)
+            try:
+                import_torch_fidelity_inception()
+            except ModuleNotFoundError as e:
+                raise FileNotFoundError(f"metric {self.name}: {e}") from None
+        if self.uses_real:
+            if self.reference is None:
+                raise ValueError(f"metric {self.name} needs `reference:` (an image folder, an ADM reference batch "
+                                 ".npz, statistics .npz, or fp); e.g. eval.metrics.{self.name}.reference=/path")
+            if self.reference != "fp" and not Path(self.reference).exists():
+                raise FileNotFoundError(f"metric {self.name}: reference {self.reference} not found")
+
+    # -- helpers
+    def real_pool3(self, ctx: FeatureContext, reference: Samples | None) -> torch.Tensor:
+        return self.real_feats(ctx, reference, "pool3")
+
+    def real_feats(self, ctx: FeatureContext, reference: Samples | None, feature: str) -> torch.Tensor:
+        if self.reference == "fp":
+            if reference is None:
+                raise ValueError(f"metric {self.name} with reference=fp needs the fp samples")
+            return ctx.sample_features(self, reference, "Inception features (fp)")[feature]
+        return ctx.real_features(self, ctx.real(self))[feature]
+
+    def n_real(self, ctx: FeatureContext, reference: Samples | None) -> int | None:
+        if self.reference == "fp":
+            return len(reference) if reference is not None else None
+        real = ctx.real(self)
+        return len(self.real_feats(ctx, reference, self.feature)) if real.has_images else None
+
+
+class _FrechetMetric(InceptionMetric):
+    higher_is_better = False
+    stats_keys = ("mu", "sigma")
+
+    def compute(self, samples, reference, ctx: FeatureContext) -> MetricResult:
+        fake = ctx.sample_features(self, samples, "Inception features")[self.feature]
+        mu1, s1 = stats.gaussian_stats(fake)
+        real = None if self.reference == "fp" else ctx.real(self)
+        if real is not None and all(k in real.stats for k in self.stats_keys) and self.limit is None:
+            mu2, s2 = (real.stats[k] for k in self.stats_keys)  # the reference batch's own statistics (ADM)
+            source, n_real = "npz statistics", None
+        else:
+            feats = self.real_feats(ctx, reference, self.feature)
+            (mu2, s2), source, n_real = stats.gaussian_stats(feats), "features", len(feats)
+        extra = {"reference": str(self.reference), "reference_stats": source}
+        if n_real is not None:
+            extra["n_real"] = n_real
+        return self.result(stats.frechet_distance(mu1, s1, mu2, s2), len(fake), **extra)
+
+
+@register_metric("fid")
+class FID(_FrechetMetric):
+    """Fréchet Inception Distance on pool-3 features (2048-d) against ``reference``."""
+
+    name = "fid"
+
+
+@register_metric("sfid")
+class SFID(_FrechetMetric):
+    """Spatial FID (Nash et al. 2021; ADM): Fréchet distance on the first 7 channels of ``mixed_6/conv`` (2023-d)."""
+
+    name, feature, stats_keys = "sfid", "spatial", ("mu_s", "sigma_s")
+
+
+@register_metric("isc")
+class InceptionScore(InceptionMetric):
+    """Inception Score on the 1008 unbiased ImageNet logits, over splits of ``split_size`` (ADM: 5000); the
+    per-sample values are each sample's KL(p(y|x) || p(y)). (``inception_score`` is the digits-classifier analogue.)"""
+
+    name, higher_is_better, feature, uses_real = "isc", True, "logits_unbiased", False
+
+    def compute(self, samples, reference, ctx: FeatureContext) -> MetricResult:
+        logits = ctx.sample_features(self, samples, "Inception features")["logits_unbiased"]
+        mean, std, per = stats.inception_score(logits, self.split_size)
+        return self.result(mean, len(logits), split_std=std, per_sample=per_sample(per))
+
+
+@register_metric("precision")
+class Precision(InceptionMetric):
+    """Improved precision (Kynkäänniemi et al., k=3): the fraction of samples inside the real k-NN manifold
+    (pool-3 features). Per-sample: 1 if that sample is inside."""
+
+    name, higher_is_better = "precision", True
+
+    def compute(self, samples, reference, ctx: FeatureContext) -> MetricResult:
+        prec, _ = ctx.precision_recall(self, samples, reference)
+        return self.result(prec.double().mean(), len(prec), k=self.k, per_sample=per_sample(prec.double()))
+
+
+@register_metric("recall")
+class Recall(InceptionMetric):
+    """Improved recall (k=3): the fraction of real images inside the samples' k-NN manifold. Per-real-image values
+    (they do not pair with samples, so they are not reported)."""
+
+    name, higher_is_better = "recall", True
+
+    def compute(self, samples, reference, ctx: FeatureContext) -> MetricResult:
+        prec, rec = ctx.precision_recall(self, samples, reference)
+        return self.result(rec.double().mean(), len(prec), k=self.k, n_real=len(rec))
