@@ -19,6 +19,11 @@ def paired(samples: Samples, reference: Samples) -> tuple[torch.Tensor, torch.Te
     return samples.images.float(), reference.images.float()
 
 
+def _per_sample(per: torch.Tensor) -> list[float]:
+    """Per-sample values (6 significant digits) for paired analyses: sample i of every method shares seed and prompt."""
+    return [float(f"{v:.6g}") for v in per.double().tolist()]
+
+
 def _frames(x: torch.Tensor) -> torch.Tensor:
     """(N, F, C, H, W) videos -> (N * F, C, H, W) frames; images pass through."""
     return x.flatten(0, 1) if x.ndim == 5 else x
@@ -35,7 +40,8 @@ class PSNRvsFP(Metric):
 
         a, b = paired(samples, reference)
         per = peak_signal_noise_ratio(a, b, data_range=DATA_RANGE, dim=tuple(range(1, a.ndim)), reduction="none")
-        return self.result(per.mean(), len(a), std=per.std().item() if torch.isfinite(per).all() else 0.0)
+        return self.result(per.mean(), len(a), std=per.std().item() if torch.isfinite(per).all() else 0.0,
+                           per_sample=_per_sample(per))
 
 
 @register_metric("ssim_vs_fp")
@@ -50,4 +56,4 @@ class SSIMvsFP(Metric):
         a, b = paired(samples, reference)
         per = structural_similarity_index_measure(_frames(a), _frames(b), data_range=DATA_RANGE, kernel_size=3,
                                                   sigma=0.5, reduction="none").view(len(a), -1).mean(1)
-        return self.result(per.mean(), len(a), std=per.std().item())
+        return self.result(per.mean(), len(a), std=per.std().item(), per_sample=_per_sample(per))
