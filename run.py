@@ -105,7 +105,8 @@ def main(cfg: DictConfig) -> None:
         if rank > 0:
             distributed.barrier()  # rank 0 calibrates first; the others restore its artifact
         report = quantize_(denoiser, qcfg, adapter.layers(denoiser), probe=lambda: adapter.probe(pipe),
-                           calibrate=calibrate, calibration_cache=calibration_path(cfg.cache_dir, c, adapter.fingerprint()))
+                           calibrate=calibrate, calibration_cache=calibration_path(cfg.cache_dir, c, adapter.fingerprint()),
+                           runtime=cfg.runtime)
         if rank == 0 and world > 1:
             distributed.barrier()
         lap("quantize")

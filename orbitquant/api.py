@@ -49,6 +49,8 @@ class QuantReport:
     probe: str = "none"  # "model" (adapter probe batch) | "gaussian" | "none"
     calibration: dict = field(default_factory=dict)  # seconds, tokens seen, fitted hyper-parameters
     peak_memory: dict = field(default_factory=dict)  # bytes: process max RSS so far; CUDA max allocated in quantize_
+    runtime: str = "fast"  # QuantLinear runtime mode: fast (dequantized weight resident) | compact (packed only)
+    resident_bytes: int = 0  # linear layers in memory between forwards, in that mode (skipped layers as they are)
 
     def by_role(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -82,6 +84,8 @@ class QuantReport:
             "seconds": round(self.seconds, 3),
             "calibration": self.calibration,
             "peak_memory": self.peak_memory,
+            "runtime": self.runtime,
+            "linear_bytes_resident": self.resident_bytes,
         }
 
     def to_dict(self) -> dict:
@@ -158,8 +162,11 @@ def layer_treatment(ref: LayerRef, config: QuantConfig) -> str:
 def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | None = None,
               probe: Callable[[], object] | None = None,
               calibrate: Callable[[], object] | None = None,
-              calibration_cache: str | Path | None = None) -> QuantReport:
+              calibration_cache: str | Path | None = None, runtime: str = "fast") -> QuantReport:
     """Quantize ``model`` in place and report what was done.
+
+    ``runtime`` is the mode of every new layer: ``fast`` keeps the dequantized weight resident, ``compact``
+    only the packed state (see :class:`QuantLinear`); the report's ``linear_bytes_resident`` says what that costs.
 
     ``layers`` (from a model adapter) gives every ``nn.Linear`` with a role; without it every
     ``nn.Linear`` is quantized with role ``linear``. The policy by role: ``config.skip_roles`` stay in
@@ -245,6 +252,7 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
                           _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
         if new is not None:
             new.nonfinite = config.nonfinite
+            new.set_runtime(runtime)
             x = inputs.pop(ref.fqn, None)
             if x is not None:
                 rec.rel_err = relative_error(m(x), new(x))
@@ -258,7 +266,26 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
             report.calibration["saved"] = str(cache)
     report.seconds = time.perf_counter() - t0
     report.peak_memory = _peak_memory()
+    report.runtime, report.resident_bytes = runtime, resident_bytes(model, layers)
     return report
+
+
+def resident_bytes(model: nn.Module, layers: list[LayerRef]) -> int:
+    """Bytes the given linear layers hold between forwards: packed state (+ dequantized weight in fast mode)
+    for quantized ones, parameters and buffers for the rest."""
+    total = 0
+    for ref in layers:
+        m = model.get_submodule(ref.fqn)
+        total += m.resident_bytes if isinstance(m, QuantLinear) else _layer_bytes(m)
+    return total
+
+
+def set_runtime(model: nn.Module, mode: str) -> int:
+    """Put every ``QuantLinear`` of ``model`` in runtime ``mode`` (fast | compact); returns their resident bytes."""
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in qs:
+        m.set_runtime(mode)
+    return sum(m.resident_bytes for m in qs)
 
 
 def _peak_memory() -> dict:

@@ -206,6 +206,7 @@ class Codebook(torch.nn.Module):
             base, inside = torch.zeros(1, dtype=torch.long), t.clone()
         self.lo, self.inv_width, self.n_cells = float(t[0]), 1.0 / width, n_cells
         self.register_buffer("_base", base, persistent=False)
+        self.register_buffer("_base32", base.int(), persistent=False)  # the native kernel's copy
         self.register_buffer("_inside", inside.float(), persistent=False)
         # padded thresholds for the +-1 correction: t_pad[i] = t_{i-1}, with -inf / +inf at the ends
         pad = torch.cat([torch.tensor([-math.inf]), t.float(), torch.tensor([math.inf])])
@@ -228,6 +229,10 @@ class Codebook(torch.nn.Module):
         idx += flat > self._tpad.index_select(0, idx + 1)
         idx -= ((flat <= self._tpad.index_select(0, idx)) & (idx > 0)).long()
         return idx.view(u.shape)
+
+    def kernel_args(self) -> tuple:
+        """The tables the native kernel searches (``orbitquant.kernels``): same thresholds, same answers."""
+        return self.thresholds, self.centroids, self._base32, self._inside, self._tpad, self.lo, self.inv_width
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
         return self.centroids.index_select(0, idx.reshape(-1)).view(idx.shape)

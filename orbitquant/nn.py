@@ -1,9 +1,12 @@
 """``QuantLinear``: input rotation -> activation quantizer -> matmul with a stored (packed) weight.
 
 The weight's persistent state is what would be shipped (packed integer codes plus scales or norms);
-``state_dict`` therefore holds real low-bit bytes. The fake-quant forward uses a dequantized copy kept
-as a non-persistent buffer and rebuilt whenever the packed state is loaded. Nothing here is a low-bit
-kernel: speed measured through this path is fake-quant speed.
+``state_dict`` therefore holds real low-bit bytes. Two runtime modes (:attr:`QuantLinear.runtime`):
+``fast`` keeps a dequantized copy of the weight in the compute dtype (a non-persistent buffer, rebuilt
+whenever the packed state is loaded); ``compact`` keeps only the packed state and dequantizes it in
+every forward. The matmul itself is a dense ``F.linear`` either way: speed measured through this path is
+fake-quant speed, not low-bit GEMM speed. OrbitQuant's activation path (rotate, norm, quantize) runs in
+one native pass per token when the CPU kernel is available (``orbitquant.kernels``).
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ from .primitives import (
     quantize_groups,
     unpack_codes,
 )
-from .rotation import Rotation
+from .rotation import RPBH, Rotation
 
+
+def _kernel():
+    from .kernels import orbit_cpu
+
+    return orbit_cpu()
+
+
+RUNTIMES = ("fast", "compact")
 
 #: with ``nonfinite="record"``: one entry per quantized-layer call that met NaN/Inf (layer, sampler step, count)
 NONFINITE_EVENTS: list[dict] = []
@@ -147,6 +158,21 @@ class OrbitActQuant(ActQuantizer):
         if not torch.isfinite(s).all():
             raise NonFiniteInput("activation contains NaN or Inf")
         return s * self.codebook(xf / (s + self.eps))
+
+    def fused(self, rotation: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
+        """``self(rotation(x))`` in one native pass per token (RPBH on CPU, inference only); None when the
+        kernel does not apply, and the caller takes the torch path. Rotated values are bit-identical to the
+        torch path; the fp32 norm may differ in the last ulp, flipping a code only at an exact tie."""
+        k = _kernel() if x.device.type == "cpu" and isinstance(rotation, RPBH) else None
+        if k is None or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+        y, finite = k.rotate_quantize(xf, rotation.perm, rotation.signs, rotation.h, *self.codebook.kernel_args(),
+                                      self.eps, False, 0)
+        if not finite.item():
+            raise NonFiniteInput("activation contains NaN or Inf")
+        return y.view(shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, eps={self.eps}"
@@ -299,18 +325,29 @@ class OrbitWeight(WeightStore):
     Built from the *rotated* weight ``W' = rot(W)``; ``dequantize()`` returns ``n_i * C[idx_i]``.
     """
 
-    def __init__(self, rotated_weight: torch.Tensor, codebook: Codebook, eps: float = 1e-10,
-                 norm_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, rotated_weight: torch.Tensor | None, codebook: Codebook, eps: float = 1e-10,
+                 norm_dtype: torch.dtype = torch.bfloat16, *, weight: torch.Tensor | None = None,
+                 rotation: nn.Module | None = None) -> None:
+        """From the rotated weight, or from ``weight`` and its ``rotation`` (one native pass per row on CPU
+        for RPBH: rotate, norm, encode; the same codes as rotating first, up to exact ties)."""
         super().__init__()
         self.codebook = codebook
-        self.bits, self.shape = codebook.bits, tuple(rotated_weight.shape)
-        w = rotated_weight.detach().float()
-        n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
-        idx = codebook.encode(w / n.clamp_min(eps))
+        w = (rotated_weight if rotated_weight is not None else weight).detach()
+        self.bits, self.shape = codebook.bits, tuple(w.shape)
+        k = _kernel() if rotated_weight is None and w.device.type == "cpu" and isinstance(rotation, RPBH) else None
+        if k is not None:
+            idx, n = k.rotate_quantize(w.float().contiguous(), rotation.perm, rotation.signs, rotation.h,
+                                       *codebook.kernel_args(), eps, True, 1)
+        else:
+            w = (w if rotated_weight is not None else rotation(w)).float()
+            n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+            idx = codebook.encode(w / n.clamp_min(eps))
         self.register_buffer("codes", pack_codes(idx, self.bits))
         self.register_buffer("norms", n.reshape(-1).to(norm_dtype))
 
     def dequantize(self) -> torch.Tensor:
+        if self.codes.device.type == "cpu" and (k := _kernel()) is not None:
+            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms)
         idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
         return self.codebook.decode(idx) * self.norms.float()[:, None]
 
@@ -353,6 +390,9 @@ class QuantLinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.name, self.treatment = name, treatment
         self.nonfinite = "raise"  # "raise" | "record" (set by quantize_ from QuantConfig.nonfinite)
+        self.runtime = "fast"     # "fast" | "compact" (set_runtime)
+        # the fused native activation path applies when nothing else needs the transformed input
+        self._fusable = hasattr(self.act, "fused") and type(self).extra is QuantLinear.extra
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("weight", None, persistent=False)
         self.refresh()
@@ -360,16 +400,38 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Rebuild the dequantized weight from the stored (packed) state."""
+        """Rebuild the dequantized weight from the stored (packed) state (``fast`` mode; none in ``compact``)."""
+        if self.runtime == "compact":
+            self.weight = None
+            return
         w = self.store.dequantize()
         self.weight = w.to(device=w.device, dtype=self.compute_dtype)
+
+    def set_runtime(self, mode: str) -> None:
+        """``fast``: keep the dequantized weight resident; ``compact``: packed state only, dequantized per forward."""
+        if mode not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {mode!r}")
+        self.runtime = mode
+        self.refresh()
+
+    def _dense_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        w = self.store.dequantize()
+        return w.to(device=w.device, dtype=self.compute_dtype)
+
+    def _transform(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(transformed input or None, quantized input): the fused native pass when it applies."""
+        if self._fusable and (h := self.act.fused(self.rotation, x)) is not None:
+            return None, h
+        t = self.rotation(x) if self.rotation is not None else x  # the transformed, unquantized input
+        return t, self.act(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"layer {self.name!r} expects input dim {self.in_features}, got {tuple(x.shape)}")
-        t = self.rotation(x) if self.rotation is not None else x  # the transformed, unquantized input
         try:
-            h = self.act(t)
+            t, h = self._transform(x)
         except NonFiniteInput as e:
             call = current_call()
             where = f" at sampler step {call.step}" if call is not None else ""
@@ -381,10 +443,9 @@ class QuantLinear(nn.Module):
             NONFINITE_EVENTS.append({"layer": self.name, "step": None if call is None else call.step,
                                      "values": int(bad.sum())})
             x0 = torch.where(bad, torch.zeros((), dtype=x.dtype), x)
-            t = self.rotation(x0) if self.rotation is not None else x0
-            h = self.act(t)
-        y = F.linear(h.to(self.compute_dtype), self.weight, self.bias)
-        extra = self.extra(t)
+            t, h = self._transform(x0)
+        y = F.linear(h.to(self.compute_dtype), self._dense_weight(), self.bias)
+        extra = None if t is None else self.extra(t)
         return (y if extra is None else y + extra).to(x.dtype)
 
     def extra(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -396,6 +457,13 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes of the persistent state: packed weight, scales/norms, bias (rotation/codebook seeds excluded)."""
         return self.store.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the layer holds in memory between forwards: the persistent state, plus the dequantized weight
+        in ``fast`` mode (never a hidden full-precision cache in ``compact`` mode)."""
+        cache = 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+        return self.nbytes + cache
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

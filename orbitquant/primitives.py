@@ -17,6 +17,12 @@ def check_bits(bits: int, what: str = "bits", lo: int = 1, hi: int = 8) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- packing
+def _kernel():
+    from .kernels import orbit_cpu
+
+    return orbit_cpu()
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) into a little-endian bit stream of uint8 (ceil(n * bits / 8) bytes).
 
@@ -26,6 +32,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.int32)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
+    if flat.device.type == "cpu" and (k := _kernel()) is not None:
+        return k.pack_bits(flat, bits)  # the same stream (tested), one pass instead of bit planes
     if 8 % bits == 0:  # byte-aligned: 8/bits codes per byte
         k = 8 // bits
         pad = (-flat.numel()) % k

@@ -80,7 +80,8 @@ def provenance(device: str = "cpu") -> dict:
 #: config keys left out of a run's identity (skip check, config hash): they never change its numbers, or
 #: (w_bits, a_bits) only feed the quant section, which records the values a method actually uses (quant=fp
 #: ignores them, so one fp run serves every bit pair of a sweep); ``table`` describes an experiment's table
-NON_SEMANTIC = ("overwrite", "progress", "threads", "results_dir", "cache_dir", "logger", "w_bits", "a_bits", "table")
+NON_SEMANTIC = ("overwrite", "progress", "threads", "results_dir", "cache_dir", "logger", "w_bits", "a_bits", "table",
+                "runtime")
 
 
 def run_identity(cfg: dict, uses_calibration: bool = True) -> dict:

@@ -25,10 +25,9 @@ class OrbitQuantizer(RotatedQuantizer):
         m = ref.module
         d = m.in_features
         rot = self.rotation(d).to(m.weight.device)
-        w_rot = rot(m.weight.detach())
-        store = (DenseWeight(w_rot.to(m.weight.dtype)) if c.w_bits == 16
-                 else OrbitWeight(w_rot, get_codebook(d, c.w_bits, c.codebook, m.weight.device), c.eps,
-                                  torch_dtype(c.norm_dtype)))
+        store = (DenseWeight(rot(m.weight.detach()).to(m.weight.dtype)) if c.w_bits == 16
+                 else OrbitWeight(None, get_codebook(d, c.w_bits, c.codebook, m.weight.device), c.eps,
+                                  torch_dtype(c.norm_dtype), weight=m.weight, rotation=rot))
         act = (NoActQuant() if c.a_bits == 16
                else OrbitActQuant(get_codebook(d, c.a_bits, c.codebook, m.weight.device), c.eps))
         return QuantLinear(store, m.bias, act, rotation=rot, compute_dtype=m.weight.dtype, name=ref.fqn,

@@ -1,0 +1,148 @@
+"""The native CPU kernel (orbitquant/kernels) against the pure-torch path it replaces: rotations
+bit-identical, codes identical up to exact ties, packing and decoding bit-identical; the two runtime modes
+give identical outputs and report what they keep resident."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import orbitquant as oq
+from orbitquant.codebook import get_codebook
+from orbitquant.kernels import orbit_cpu
+from orbitquant.nn import OrbitActQuant, OrbitWeight
+from orbitquant.primitives import pack_codes, unpack_codes
+from orbitquant.rotation import make_rotation
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = orbit_cpu()
+    # a machine like CI's has g++ and ninja (a dependency): a missing kernel is a failure here, not a skip
+    assert k is not None, "the native CPU kernel did not build (see the warning in the log)"
+    return k
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("ORBITQUANT_KERNELS", "0")
+
+
+@pytest.mark.parametrize("d", [96, 384, 1536, 3072])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fused_activation_path_matches_the_torch_path(kernel, d, bits):
+    g = torch.Generator().manual_seed(d + bits)
+    x = torch.randn(257, d, generator=g) * torch.rand(257, 1, generator=g) * 10
+    rot, act = make_rotation("rpbh", d, 3), OrbitActQuant(get_codebook(d, bits))
+    ref = act(rot(x))
+    got = act.fused(rot, x)
+    # the rotation is bit-identical; only the fp32 token norm may round differently (so values differ in the
+    # last ulp), which can also move a coordinate sitting exactly on a threshold to the neighbouring code
+    s = x.norm(dim=-1, keepdim=True)
+    cb = act.codebook
+    codes_got, codes_ref = cb.encode(got / s), cb.encode(ref / s)  # a centroid encodes to itself
+    assert (codes_got != codes_ref).float().mean() < 1e-4
+    same_code = codes_got == codes_ref
+    assert torch.allclose(got[same_code], ref[same_code], rtol=1e-6, atol=0)
+
+
+def test_fused_path_keeps_shape_dtype_and_refuses_grad(kernel):
+    d = 256
+    rot, act = make_rotation("rpbh", d, 0), OrbitActQuant(get_codebook(d, 4))
+    x = torch.randn(2, 5, d, dtype=torch.bfloat16)
+    assert act.fused(rot, x).shape == (2, 5, d)
+    xg = torch.randn(3, d, requires_grad=True)
+    assert act.fused(rot, xg) is None  # autograd needs the torch path
+    assert act.fused(make_rotation("haar", d, 0), x) is None  # only RPBH is fused
+
+
+def test_fused_path_reports_non_finite_tokens(kernel):
+    d = 128
+    rot, act = make_rotation("rpbh", d, 0), OrbitActQuant(get_codebook(d, 4))
+    x = torch.randn(4, d)
+    x[2, 7] = float("nan")
+    with pytest.raises(oq.nn.NonFiniteInput):
+        act.fused(rot, x)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_native_packing_is_the_torch_bitstream(kernel, monkeypatch, bits):
+    codes = torch.randint(0, 1 << bits, (10_007,), generator=torch.Generator().manual_seed(bits))
+    native = pack_codes(codes, bits)
+    monkeypatch.setenv("ORBITQUANT_KERNELS", "0")
+    assert torch.equal(native, pack_codes(codes, bits))
+    assert torch.equal(unpack_codes(native, bits, codes.numel()), codes)
+
+
+@pytest.mark.parametrize("d, bits", [(96, 4), (1536, 3), (512, 8), (384, 2)])
+def test_weight_codes_and_decode_match_the_torch_path(kernel, monkeypatch, d, bits):
+    w = torch.randn(64, d, generator=torch.Generator().manual_seed(d))
+    rot, cb = make_rotation("rpbh", d, 1), get_codebook(d, bits)
+    fused = OrbitWeight(None, cb, weight=w, rotation=rot)
+    native_dq = fused.dequantize()
+    monkeypatch.setenv("ORBITQUANT_KERNELS", "0")
+    ref = OrbitWeight(rot(w), cb)
+    n_fused = unpack_codes(fused.codes, bits, w.numel())
+    n_ref = unpack_codes(ref.codes, bits, w.numel())
+    assert (n_fused != n_ref).sum() <= 1  # ties only
+    assert torch.equal(fused.norms, ref.norms)
+    assert torch.equal(native_dq, fused.dequantize())  # native decode == torch decode, bit for bit
+
+
+def test_whole_model_with_and_without_kernel_agrees(kernel, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 768), nn.GELU(), nn.Linear(768, 384))
+    x = torch.randn(64, 384)
+    ref = model(x)
+    fast = oq.quantize_(model_copy := _copy(model), oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0))
+    y_native = model_copy(x)
+    monkeypatch.setenv("ORBITQUANT_KERNELS", "0")
+    slow_model = _copy(model)
+    oq.quantize_(slow_model, oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0))
+    y_torch = slow_model(x)
+    assert fast.summary()["treatments"] == {"orbit w4a8": 2}
+    err_native = (y_native - ref).norm() / ref.norm()
+    err_torch = (y_torch - ref).norm() / ref.norm()
+    assert abs(err_native - err_torch) < 1e-3 * err_torch
+    assert (y_native - y_torch).norm() / ref.norm() < 1e-3
+
+
+def _copy(m: nn.Module) -> nn.Module:
+    c = type(m)(*[type(l)(l.in_features, l.out_features) if isinstance(l, nn.Linear) else type(l)() for l in m])
+    c.load_state_dict(m.state_dict())
+    return c
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_compact_runtime_is_bit_identical_and_holds_no_dense_weight(monkeypatch, kernels):
+    monkeypatch.setenv("ORBITQUANT_KERNELS", kernels)
+    torch.manual_seed(1)
+    d = 512
+    model = nn.Sequential(nn.Linear(d, d))
+    oq.quantize_(model, oq.OrbitConfig(w_bits=4, a_bits=4, probe_tokens=0))
+    q = model[0]
+    x = torch.randn(33, d)
+    y_fast = q(x)
+    fast_resident = q.resident_bytes
+    q.set_runtime("compact")
+    assert q.weight is None and q.resident_bytes == q.nbytes
+    assert torch.equal(q(x), y_fast)
+    # fast mode keeps the fp32 dequantized weight: d*d*4 bytes on top of the packed state
+    assert fast_resident == q.nbytes + d * d * 4
+    bits_per_weight = 8 * q.store.nbytes / (d * d)
+    assert math.isclose(bits_per_weight, 4 + 16 / d, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        q.set_runtime("turbo")
+
+
+def test_report_counts_resident_bytes_per_runtime_mode():
+    torch.manual_seed(2)
+    d = 256
+    mk = lambda: nn.Sequential(nn.Linear(d, d), nn.Linear(d, d))  # noqa: E731
+    fast = oq.quantize_(mk(), oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0)).summary()
+    compact = oq.quantize_(mk(), oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0), runtime="compact").summary()
+    assert compact["runtime"] == "compact" and compact["linear_bytes_resident"] == compact["linear_bytes_quant"]
+    assert fast["linear_bytes_resident"] == fast["linear_bytes_quant"] + 2 * d * d * 4
