@@ -1,6 +1,6 @@
 """Metrics; importing this package registers them."""
 
-from . import clip_score, digits, inception, lpips, similarity, vbench  # noqa: F401
+from . import clip_score, digits, geneval, inception, lpips, similarity, vbench  # noqa: F401
 from .base import Metric
 from .digits import DigitsContext
 
