@@ -34,12 +34,12 @@ from torch import nn
 from orbitquant.calib import current_call
 from orbitquant.config import QuantConfig, check_rotation
 from orbitquant.methods.base import Quantizer
-from orbitquant.nn import ChannelScale, QuantLinear, uniform_act, uniform_store
+from orbitquant.nn import ChannelScale, NoActQuant, QuantLinear, uniform_store
 from orbitquant.registry import register_method
 from orbitquant.rotation import make_rotation
 from orbitquant.types import ROLES, LayerRef
 
-from .layers import ScheduledQuantLinear, SmoothRotate, StepSchedule, check_timerange, position
+from .layers import ScheduledQuantLinear, SmoothRotate, StepSchedule, TokenActQuant, check_timerange, position
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class ViDiTQQuantizer(Quantizer):
                 rot = self._rotation(m.in_features).to(w.device)
                 weights[r], transforms[r] = rot(w * s), SmoothRotate(1.0 / s, rot)
         stores = [uniform_store(weights[r], b, False, "channel", m.weight.dtype) for r, b in schedule.keys]
-        act = uniform_act(c.a_bits, False, "token")
+        act = NoActQuant() if c.a_bits == 16 else TokenActQuant(c.a_bits)
         wb = "/".join(str(b) for b in sorted(set(bits)))
         treatment = f"vidit_q {self.plan}{'+mp' if c.mixed_precision else ''} w{wb}a{c.a_bits}"
         if len(schedule.keys) == 1:

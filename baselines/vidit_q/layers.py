@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from orbitquant.calib import DenoiserCall, current_call
-from orbitquant.nn import ActQuantizer, QuantLinear, WeightStore, _refresh_after_load
+from orbitquant.nn import ActQuantizer, NonFiniteInput, QuantLinear, WeightStore
+from orbitquant.primitives import qrange
 from orbitquant.rotation import Rotation
 
 #: p used when no denoiser call (or no ``n_steps``) is published
@@ -86,6 +87,31 @@ class StepSchedule:
         return tuple(sorted(keys, key=lambda k: (-k[0], -k[1])))  # noisiest range first
 
 
+class TokenActQuant(ActQuantizer):
+    """ViDiT-Q's dynamic activation quantizer: per token, asymmetric min/max recomputed every call, the range
+    widened to hold 0 (its ``init_quant_params`` clamps ``min <= 0 <= max``), step ``(max - min) / (2^b - 1)``,
+    zero point ``round(-min / step)``. An all-zero token stays zero."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        qrange(bits, False)  # validates
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if not torch.isfinite(xf.abs().amax()):
+            raise NonFiniteInput("activation contains NaN or Inf")
+        hi = (1 << self.bits) - 1
+        mn, mx = xf.amin(-1, keepdim=True).clamp(max=0), xf.amax(-1, keepdim=True).clamp(min=0)
+        scale = (mx - mn) / hi
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-mn / scale)
+        return (torch.clamp(torch.round(xf / scale) + zero, 0, hi) - zero) * scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per-token asymmetric, range holds 0"
+
+
 class SmoothRotate(nn.Module):
     """``x -> rot(x * inv_scale)``: static per-channel scaling, then an online rotation (ViDiT-Q's ICLR
     static-dynamic channel balancing); the weight store holds ``rot(W * s)``."""
@@ -103,52 +129,40 @@ class ScheduledQuantLinear(QuantLinear):
     """A ``QuantLinear`` with several (weight store, input transform) variants, chosen per denoiser call by a
     :class:`StepSchedule` from :func:`orbitquant.calib.current_call`.
 
-    Only the active variant's weight is kept dequantized (rebuilt when the variant changes, a few times per
-    sampling run). ``store`` is the default variant's store (the one the report's bit count describes);
-    ``nbytes`` counts every variant, since a deployment keeps them all. It does not call
-    ``QuantLinear.__init__`` (which takes one store) but reuses its forward.
+    The variants live in ``stores`` / ``transforms`` (each saved once in the state dict); ``store`` and
+    ``rotation``, which ``QuantLinear`` uses, are unregistered aliases of the active variant's. Only the
+    active variant's weight is dequantized (rebuilt when the variant changes, a few times per sampling run).
+    ``nbytes`` counts every variant, since a deployment keeps them all; outside a call (the per-layer probe,
+    the report's bit count) the default variant (t = 500) is active.
     """
 
     def __init__(self, stores: Sequence[WeightStore], transforms: Sequence[nn.Module | None], schedule: StepSchedule,
                  bias: torch.Tensor | None, act: ActQuantizer, compute_dtype: torch.dtype = torch.float32,
                  name: str = "", treatment: str = "") -> None:
-        nn.Module.__init__(self)
         if not len(stores) == len(transforms) == len(schedule.keys):
             raise ValueError(f"{len(stores)} stores and {len(transforms)} transforms for {len(schedule.keys)} variants")
         if len({s.shape for s in stores}) != 1:
             raise ValueError("every variant's weight must have the same shape")
-        self.out_features, self.in_features = stores[0].shape
+        d = schedule.default
+        super().__init__(stores[d], bias, act, rotation=transforms[d], compute_dtype=compute_dtype, name=name,
+                         treatment=treatment)
+        for alias in ("store", "rotation"):  # registered by QuantLinear; kept as aliases only (below)
+            self._modules.pop(alias, None)
         self.stores = nn.ModuleList(stores)
         self.transforms = nn.ModuleList([nn.Identity() if t is None else t for t in transforms])
         self.schedule = schedule
-        self.act = act
-        self.compute_dtype = compute_dtype
-        self.name, self.treatment = name, treatment
-        self.nonfinite = "raise"
-        self.active = schedule.default
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("weight", None, persistent=False)
-        self.refresh()
-        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self._use(d)
 
-    @property
-    def store(self) -> WeightStore:  # type: ignore[override]
-        return self.stores[self.schedule.default]
-
-    @property
-    def rotation(self) -> nn.Module:  # type: ignore[override]
-        return self.transforms[self.active]
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        w = self.stores[self.active].dequantize()
-        self.weight = w.to(device=w.device, dtype=self.compute_dtype)
+    def _use(self, idx: int) -> None:
+        self.active = idx
+        object.__setattr__(self, "store", self.stores[idx])  # plain attributes: not a second state-dict entry
+        object.__setattr__(self, "rotation", self.transforms[idx])
 
     def select(self, call: DenoiserCall | None) -> int:
-        """Make the variant of ``call`` active (dequantizing its weight if it changed); returns its index."""
+        """Make the variant of ``call`` active (rebuilding its dequantized weight if it changed); returns it."""
         idx = self.schedule.variant(call)
         if idx != self.active:
-            self.active = idx
+            self._use(idx)
             self.refresh()
         return idx
 
