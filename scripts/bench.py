@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,7 +201,8 @@ print(json.dumps(rows))
 
 def peer_suite(python: str, d: int, tokens_list: list[int], bit_pairs, reps: int) -> list[dict]:
     p = subprocess.run([python, "-c", PEER_SNIPPET, json.dumps([d, tokens_list, bit_pairs, reps])],
-                       capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, check=False, cwd=tempfile.gettempdir(),  # not our package dir
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     if p.returncode != 0:
         raise SystemExit(f"peer run failed ({python}):\n{p.stderr[-2000:]}")
     rows = json.loads(p.stdout.strip().splitlines()[-1])

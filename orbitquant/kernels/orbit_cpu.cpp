@@ -170,6 +170,15 @@ torch::Tensor dequant_rows(torch::Tensor packed, int64_t bits, int64_t rows, int
       for (int32_t k = 0; k <= static_cast<int32_t>(mask); ++k) lut[k] = nr * C[k];
       float* yr = Y + r * cols;
       int64_t p = r * cols * bits;
+      if (8 % bits == 0 && (p & 7) == 0 && (cols * bits) % 8 == 0) {  // byte-aligned row: whole bytes
+        const int64_t per = 8 / bits;
+        const uint8_t* src = B + (p >> 3);
+        for (int64_t byte = 0; byte < cols / per; ++byte) {
+          uint32_t w = src[byte];
+          for (int64_t k = 0; k < per; ++k, w >>= bits) yr[byte * per + k] = lut[w & mask];
+        }
+        continue;
+      }
       for (int64_t j = 0; j < cols; ++j, p += bits) {
         const int64_t byte = p >> 3;
         uint32_t w = B[byte];
