@@ -29,9 +29,10 @@ def main(cfg: DictConfig) -> None:
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from orbitquant import distributed, quantize_
+    from orbitquant import distributed
     from orbitquant.api import quantizer_for
     from orbitquant.artifacts import calibration_path
+    from orbitquant.checkpoint import check_checkpoint, quantize_or_load
     from orbitquant.cli import fp_bits_error
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
@@ -53,6 +54,7 @@ def main(cfg: DictConfig) -> None:
         for m in metrics:
             m.check()  # feature-net weights present: fail now, not after sampling
         adapter.check_protocol(protocol, c["eval"]["name"])
+        check_checkpoint(cfg.quant_checkpoint, qcfg)
         needs_calib = quantizer_for(qcfg).needs_calibration
         if needs_calib:
             adapter.check_protocol(c["calib"]["protocol"], "calib=" + c["calib"]["name"])
@@ -104,9 +106,10 @@ def main(cfg: DictConfig) -> None:
                                               progress=cfg.progress, desc="calibration")) if needs_calib else None
         if rank > 0:
             distributed.barrier()  # rank 0 calibrates first; the others restore its artifact
-        report = quantize_(denoiser, qcfg, adapter.layers(denoiser), probe=lambda: adapter.probe(pipe),
-                           calibrate=calibrate, calibration_cache=calibration_path(cfg.cache_dir, c, adapter.fingerprint()),
-                           runtime=cfg.runtime)
+        qr = quantize_or_load(denoiser, qcfg, adapter.layers(denoiser), cfg.quant_checkpoint, cfg.runtime,
+                              meta={"model": c["model"], "fingerprint": adapter.fingerprint()},
+                              probe=lambda: adapter.probe(pipe), calibrate=calibrate,
+                              calibration_cache=calibration_path(cfg.cache_dir, c, adapter.fingerprint()))
         if rank == 0 and world > 1:
             distributed.barrier()
         lap("quantize")
@@ -119,7 +122,6 @@ def main(cfg: DictConfig) -> None:
         scores = {m.name: m.compute(samples, reference, ctx.get(m.context_cls)).to_dict() for m in metrics}
         ref_scores = {m.name: m.compute(reference, reference, ctx.get(m.context_cls)).to_dict() for m in metrics}
         lap("metrics")
-        qr = report.to_dict()
         title = f"{adapter.name} {qcfg.method} {c['quant']['tag']}"
         if plot_layer_errors(qr["layers"], run.path / "layer_error.png", title):
             files["layer_error"] = "layer_error.png"

@@ -107,8 +107,9 @@ class RPBH(Rotation):
         g = _generator(seed, d)
         perm = torch.randperm(d, generator=g) if permute else torch.arange(d)
         signs = torch.randint(0, 2, (d,), generator=g).float() * 2 - 1
-        self.register_buffer("perm", perm)
-        self.register_buffer("signs", signs)
+        # derived from (d, seed): not saved (a checkpoint records the seed; see orbitquant.checkpoint)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("signs", signs, persistent=False)
         if warn and self.h < min(SMALL_BLOCK_WARNING, d):
             _warn_small_block(d, self.h)
 
@@ -142,7 +143,7 @@ class HaarRotation(Rotation):
         g = _generator(seed, d)
         q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
         q = q * torch.sign(torch.diagonal(r))
-        self.register_buffer("q", q.float())
+        self.register_buffer("q", q.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = self._compute_dtype(x)
@@ -179,7 +180,7 @@ class KronRPBH(Rotation):
         self.h, self.m = self.rpbh.h, d // self.rpbh.h
         g = _generator(seed + 2_000_003, self.m)
         q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=g, dtype=torch.float64))
-        self.register_buffer("q", q * torch.sign(torch.diagonal(r)))  # float64: m^2 numbers, exact orthogonality
+        self.register_buffer("q", q * torch.sign(torch.diagonal(r)), persistent=False)  # float64: m^2 numbers, exact orthogonality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.rpbh(x)
@@ -234,14 +235,14 @@ class KronHadamard(Rotation):
         super().__init__(d)
         self.seed = seed
         g = _generator(seed, d)
-        self.register_buffer("signs", torch.randint(0, 2, (d,), generator=g).float() * 2 - 1)
+        self.register_buffer("signs", torch.randint(0, 2, (d,), generator=g).float() * 2 - 1, persistent=False)
         n = kron_factor(d)
         if n is None:
             log.warning("hadamard_kron: no Paley factor for d=%d; using the block Hadamard (h=%d)", d,
                         largest_pow2_divisor(d))
             n = 1
         self.n, self.p = n, d // n if n > 1 else largest_pow2_divisor(d)
-        self.register_buffer("hn", paley_hadamard(n).float() if n > 1 else torch.ones(1, 1))
+        self.register_buffer("hn", paley_hadamard(n).float() if n > 1 else torch.ones(1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = self._compute_dtype(x)

@@ -81,7 +81,7 @@ def provenance(device: str = "cpu") -> dict:
 #: (w_bits, a_bits) only feed the quant section, which records the values a method actually uses (quant=fp
 #: ignores them, so one fp run serves every bit pair of a sweep); ``table`` describes an experiment's table
 NON_SEMANTIC = ("overwrite", "progress", "threads", "results_dir", "cache_dir", "logger", "w_bits", "a_bits", "table",
-                "runtime")
+                "runtime", "quant_checkpoint")  # a checkpoint must match quant= exactly (checked), so results do too
 
 
 def run_identity(cfg: dict, uses_calibration: bool = True) -> dict:

@@ -237,7 +237,7 @@ def test_state_dict_round_trip(saver, tmp_path):
     ya = a(x)
     assert not torch.allclose(b(x), ya)
     sd = a.state_dict()
-    # nothing like a float weight matrix is saved: only packed codes, norms, biases, rotation perm/signs
+    # nothing like a float weight matrix is saved: only packed codes, norms, biases (rotations are rebuilt from seeds)
     for k, v in sd.items():
         assert not (v.is_floating_point() and v.dim() == 2), k
     if saver == "safetensors":

@@ -121,6 +121,7 @@ BAD_INPUTS = [
     (["model=digits", "+model.path=/nonexistent"], "train_digits.py"),
     (["model=flux1_schnell", "eval=t2i_smoke", "+model.path=/nonexistent"], "point model.path at the downloaded"),
     (["results_dir=/proc/orbitquant"], "No such file or directory"),  # Hydra cannot even create the run dir
+    (["quant=smoothquant", "quant_checkpoint=/tmp/ckpt"], "quant_checkpoint supports data-free methods"),
 ]
 
 
@@ -208,3 +209,18 @@ def test_group_check_passes_valid_overrides_and_leaves_hydra_groups_and_sweep_fu
     assert fp_bits_error("fp", ["bits=w4a8"], multirun=True) is None  # sweeps list fp beside quantizers
     assert fp_bits_error("orbit", ["bits=w4a8"], multirun=False) is None
     assert "ignores bits=w4a8" in fp_bits_error("fp", ["bits=w4a8"], multirun=False)
+
+
+def test_quant_checkpoint_is_written_then_reused_with_identical_results(tmp_path):
+    args = ["eval=smoke", "quant=orbit", "w_bits=3", "a_bits=4", f"quant_checkpoint={tmp_path}/ckpt"]
+    _run(args, tmp_path)
+    path = tmp_path / "runs/digits/orbit/w3a4/smoke/q0-s0/results.json"
+    first = json.loads(path.read_text())
+    assert first["quant_report"]["summary"]["saved_to"] == f"{tmp_path}/ckpt"
+    _run([*args, "overwrite=true", "runtime=compact"], tmp_path)
+    second = json.loads(path.read_text())
+    assert second["quant_report"]["summary"]["loaded_from"] == f"{tmp_path}/ckpt"
+    assert second["metrics"] == first["metrics"]  # same packed weights, same samples, either runtime mode
+    p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=4", f"quant_checkpoint={tmp_path}/ckpt"], tmp_path,
+             check=False)
+    assert p.returncode != 0 and "holds another quant config (w_bits: 3 -> 4" in p.stderr
