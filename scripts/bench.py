@@ -234,7 +234,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suites", nargs="*", default=["layer", "quantize"], choices=["layer", "quantize"])
+    ap.add_argument("suites", nargs="*", default=["layer", "quantize"], help="layer and/or quantize (default both)")
     ap.add_argument("--d", type=int, default=3072)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--bits", nargs="+", default=["w4a4", "w4a8", "w2a4"])
@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--peer-python", help="interpreter of a venv with the PyPI orbitquant package")
     ap.add_argument("--out", default=str(ROOT / "results/bench"))
     a = ap.parse_args()
+    if bad := set(a.suites) - {"layer", "quantize"}:
+        ap.error(f"unknown suite(s) {sorted(bad)}; valid: layer, quantize")
     torch.set_num_threads(a.threads)
     pairs = [(int(b[1:b.index("a")]), int(b[b.index("a") + 1:])) for b in (s.lower() for s in a.bits)]
     meta = {"device": device_name(), "cpu": device_name().split("-", 2)[-1], "torch": torch.__version__,

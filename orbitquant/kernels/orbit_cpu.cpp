@@ -13,6 +13,9 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -20,8 +23,27 @@
 
 namespace {
 
+// Unnormalised WHT on blocks of h. Stages s = 1, 2, 4 run inside one 8-float AVX2 register (shuffle + add/sub
+// + blend); the rest are plain strided loops the compiler vectorizes. Every output is the same sum/difference of
+// the same two floats as in the scalar butterfly (and the torch reference), so results are bit-identical.
 inline void fwht_inplace(float* a, int64_t d, int64_t h) {
-  for (int64_t s = 1; s < h; s <<= 1) {
+  int64_t s = 1;
+#ifdef __AVX2__
+  if (h >= 8) {
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 v = _mm256_loadu_ps(a + i);
+      __m256 sw = _mm256_permute_ps(v, 0xB1);  // neighbours swapped: (a1, a0, a3, a2, ...)
+      v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xAA);
+      sw = _mm256_permute_ps(v, 0x4E);         // pairs swapped within 128-bit lanes
+      v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xCC);
+      sw = _mm256_permute2f128_ps(v, v, 0x01);  // halves swapped
+      v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xF0);
+      _mm256_storeu_ps(a + i, v);
+    }
+    s = 8;
+  }
+#endif
+  for (; s < h; s <<= 1) {
     for (int64_t blk = 0; blk < d; blk += 2 * s) {
       float* lo = a + blk;
       float* hi = a + blk + s;
@@ -32,6 +54,23 @@ inline void fwht_inplace(float* a, int64_t d, int64_t h) {
       }
     }
   }
+}
+
+// scale in place by c and return the squared norm (double, 8 independent partial sums: no serial chain)
+inline double scale_sumsq(float* b, int64_t d, float c) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int k = 0; k < 8; ++k) {
+      b[j + k] *= c;
+      acc[k] += static_cast<double>(b[j + k]) * b[j + k];
+    }
+  }
+  for (; j < d; ++j) {
+    b[j] *= c;
+    acc[0] += static_cast<double>(b[j]) * b[j];
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // Nearest-centroid indices of u[0..d) (idx = #{thresholds < u}, what torch.bucketize returns).
@@ -57,7 +96,27 @@ inline void encode_row(const Grid& g, const float* u, int32_t* idx, int64_t d) {
     }
     return;
   }
-  for (int64_t j = 0; j < d; ++j) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  // the same float arithmetic as the scalar loop below, eight lanes at a time with gathers
+  const __m256 vlo = _mm256_set1_ps(g.lo), vinv = _mm256_set1_ps(g.inv_width), zero = _mm256_setzero_ps();
+  const __m256 vmax = _mm256_set1_ps(static_cast<float>(g.n_cells - 1));
+  const __m256i one = _mm256_set1_epi32(1), izero = _mm256_setzero_si256();
+  for (; j + 8 <= d; j += 8) {
+    const __m256 v = _mm256_loadu_ps(u + j);
+    __m256 f = _mm256_floor_ps(_mm256_mul_ps(_mm256_sub_ps(v, vlo), vinv));
+    f = _mm256_min_ps(_mm256_max_ps(f, zero), vmax);
+    const __m256i c = _mm256_cvttps_epi32(f);
+    __m256i i = _mm256_i32gather_epi32(g.base, c, 4);
+    i = _mm256_sub_epi32(i, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_i32gather_ps(g.inside, c, 4), _CMP_GT_OQ)));
+    i = _mm256_sub_epi32(i, _mm256_castps_si256(
+                                _mm256_cmp_ps(v, _mm256_i32gather_ps(g.tpad, _mm256_add_epi32(i, one), 4), _CMP_GT_OQ)));
+    const __m256i le = _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_i32gather_ps(g.tpad, i, 4), _CMP_LE_OQ));
+    i = _mm256_add_epi32(i, _mm256_and_si256(le, _mm256_cmpgt_epi32(i, izero)));  // -1 where le & i > 0
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j), i);
+  }
+#endif
+  for (; j < d; ++j) {
     const float v = u[j];
     float f = std::floor((v - g.lo) * g.inv_width);
     f = std::min(std::max(f, 0.0f), static_cast<float>(g.n_cells - 1));
@@ -120,12 +179,7 @@ std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, 
       const float* xr = X + r * d;
       for (int64_t j = 0; j < d; ++j) b[j] = xr[P[j]] * S[j];
       fwht_inplace(b, d, h);
-      double ss = 0.0;
-      for (int64_t j = 0; j < d; ++j) {
-        b[j] *= scale;
-        ss += static_cast<double>(b[j]) * b[j];
-      }
-      const float s = static_cast<float>(std::sqrt(ss));
+      const float s = static_cast<float>(std::sqrt(scale_sumsq(b, d, scale)));
       if (!std::isfinite(s)) {
         finite = false;
         continue;
@@ -199,6 +253,20 @@ torch::Tensor pack_bits(torch::Tensor codes, int64_t bits) {
   auto out = torch::zeros({nbytes}, torch::dtype(torch::kUInt8));
   const uint8_t* Cd = c.data_ptr<uint8_t>();
   uint8_t* O = out.data_ptr<uint8_t>();
+  if (8 % bits == 0) {  // whole codes per byte: out[i] = c[k i] | c[k i + 1] << bits | ...
+    const int64_t per = 8 / bits;
+    at::parallel_for(0, nbytes, 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t byte = begin; byte < end; ++byte) {
+        uint32_t acc = 0;
+        for (int64_t k = 0; k < per; ++k) {
+          const int64_t i = byte * per + k;
+          acc |= (i < n ? static_cast<uint32_t>(Cd[i]) : 0u) << (k * bits);
+        }
+        O[byte] = static_cast<uint8_t>(acc);
+      }
+    });
+    return out;
+  }
   // each output byte gathers the codes overlapping it: parallel over bytes, no write conflicts
   at::parallel_for(0, nbytes, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t byte = begin; byte < end; ++byte) {
