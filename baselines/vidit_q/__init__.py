@@ -119,9 +119,13 @@ class ActScaleEMA:
         if call is None or not call.n_steps:
             self.unpublished += 1
         r = self.range_of(position(call))
-        x = x.detach().float().abs()
-        per_sample = x.reshape(x.shape[0], -1, x.shape[-1]).amax(dim=1) if x.dim() >= 3 else x.reshape(-1, x.shape[-1])
-        cur = per_sample.mean(dim=0).cpu()
+        x = x.detach()
+        if x.dim() >= 3:  # max over tokens of |x| as max(max x, -min x): no full-size copy of a large input
+            xs = x.reshape(x.shape[0], -1, x.shape[-1])
+            per_sample = torch.maximum(xs.amax(dim=1), -xs.amin(dim=1)).float()
+        else:
+            per_sample = x.reshape(-1, x.shape[-1]).float().abs()
+        cur = per_sample.mean(dim=0)  # stays on the input's device (no sync per call); moved to CPU at the end
         scales = self.scale.setdefault(fqn, [None] * len(self.range_his))
         counts = self.updates.setdefault(fqn, [0] * len(self.range_his))
         old = scales[r]
@@ -174,7 +178,7 @@ class ViDiTQQuantizer(Quantizer):
                 if s is None:
                     per_range[i] = per_range[min(have, key=lambda j, i=i: abs(j - i))]
                     filled[i] = filled.get(i, 0) + 1
-            self.act_scale[fqn] = torch.stack(per_range)
+            self.act_scale[fqn] = torch.stack(per_range).cpu()
         if filled:
             log.warning("vidit_q: no calibration call fell in timestep range(s) %s; using the nearest range's "
                         "scale there", sorted(filled))
