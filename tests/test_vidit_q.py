@@ -256,7 +256,7 @@ def test_run_py_on_tiny_dit(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model, eval_", [("tiny_dit", "c2i_smoke"), ("tiny_flux", "t2i_smoke"), ("tiny_wan", "t2v_smoke"),
                                           ("tiny_cogvideox", "t2v_smoke"), ("tiny_zimage", "t2i_smoke")])
-def test_run_py_on_every_other_tiny_family(model, eval_, tmp_path):
+def test_run_py_every_preset_on_every_tiny_family(model, eval_, tmp_path):
     _run(["-m", f"model={model}", "quant=vidit_q,vidit_q_mp,vidit_q_sd", f"eval={eval_}", f"calib={eval_}",
           "dtype=float32", "bits=w4a8,w8a8"], tmp_path)
     runs = {p.parts[-4]: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/results.json")}
