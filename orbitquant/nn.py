@@ -11,6 +11,9 @@ one native pass per token when the CPU kernel is available (``orbitquant.kernels
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,20 @@ def _kernel():
 
 
 RUNTIMES = ("fast", "compact")
+_RUNTIME: ContextVar[str] = ContextVar("orbitquant_runtime", default="fast")
+
+
+@contextmanager
+def construction_runtime(mode: str) -> Iterator[None]:
+    """QuantLinears built inside start in runtime ``mode`` (``quantize_`` uses it so a compact layer never
+    materializes its dense weight, not even once)."""
+    if mode not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {mode!r}")
+    token = _RUNTIME.set(mode)
+    try:
+        yield
+    finally:
+        _RUNTIME.reset(token)
 
 #: with ``nonfinite="record"``: one entry per quantized-layer call that met NaN/Inf (layer, sampler step, count)
 NONFINITE_EVENTS: list[dict] = []
@@ -390,7 +407,7 @@ class QuantLinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.name, self.treatment = name, treatment
         self.nonfinite = "raise"  # "raise" | "record" (set by quantize_ from QuantConfig.nonfinite)
-        self.runtime = "fast"     # "fast" | "compact" (set_runtime)
+        self.runtime = _RUNTIME.get()  # "fast" | "compact" (set_runtime)
         # the fused native activation path applies when nothing else needs the transformed input
         self._fusable = hasattr(self.act, "fused") and type(self).extra is QuantLinear.extra
         self.register_buffer("bias", None if bias is None else bias.detach().clone())

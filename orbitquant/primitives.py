@@ -29,11 +29,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     The stream runs over the flattened tensor; code k occupies bits [k*bits, (k+1)*bits).
     """
     check_bits(bits)
-    flat = codes.reshape(-1).to(torch.int32)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+    flat = codes.reshape(-1)
+    if flat.numel() and ((flat.dtype != torch.uint8 and int(flat.min()) < 0) or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     if flat.device.type == "cpu" and (k := _kernel()) is not None:
-        return k.pack_bits(flat, bits)  # the same stream (tested), one pass instead of bit planes
+        return k.pack_bits(flat.to(torch.uint8), bits)  # the same stream (tested), one pass instead of bit planes
+    flat = flat.to(torch.int32)
     if 8 % bits == 0:  # byte-aligned: 8/bits codes per byte
         k = 8 // bits
         pad = (-flat.numel()) % k

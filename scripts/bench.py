@@ -11,6 +11,9 @@ Suites:
             vs fp64, the theoretical sqrt(D_w + D_a), resident bytes. Every row is fake-quant: a dense fp32
             matmul on dequantized weights (no low-bit GEMM runs on CPU here).
   quantize  weight quantization throughput (GB/s of fp32 weights) and the cold Lloyd-Max build per bit-width.
+  model     a stack of d x d linears quantized layer by layer: peak extra RSS over the fp model, resident bytes
+            per runtime mode, end-to-end GB/s.
+Results: results/bench/<device>-<suites>.json and .md (one file per suite set, so partial runs do not clobber).
 The peer package is also named ``orbitquant``; it cannot share our interpreter, so it runs in its own venv
 (``pip install orbitquant==0.15.0 torch==2.13.0`` there) and is timed by a snippet in that interpreter,
 with its own fp32 baseline: compare ratios, not milliseconds, across processes.
@@ -160,6 +163,38 @@ def quantize_suite(d: int, reps: int) -> list[dict]:
     return rows
 
 
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def model_suite(d: int, n_layers: int, bit_pairs) -> list[dict]:
+    """Quantize a stack of d x d fp32 linears layer by layer; report the peak extra RSS over the fp model
+    (Linux VmHWM, reset first) and what stays resident in each runtime mode."""
+    rows = []
+    for wb, ab in bit_pairs[:1]:
+        for runtime in ("compact", "fast"):
+            model = nn.Sequential(*[nn.Linear(d, d) for _ in range(n_layers)])
+            fp_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux)
+            except OSError:
+                pass
+            start = _rss_mb("VmRSS")
+            t = time.perf_counter()
+            rep = oq.quantize_(model, oq.OrbitConfig(w_bits=wb, a_bits=ab, probe_tokens=0), runtime=runtime)
+            sec = time.perf_counter() - t
+            rows.append({"suite": "model", "d": d, "layers": n_layers, "bits": f"W{wb}A{ab}", "impl": f"quantize_ ({runtime})",
+                         "fp32_model_MB": round(fp_mb, 1), "peak_extra_RSS_MB": round(_rss_mb("VmHWM") - start, 1),
+                         "RSS_after_minus_start_MB": round(_rss_mb("VmRSS") - start, 1),
+                         "resident_linear_MB": round(rep.resident_bytes / 1e6, 1), "seconds": round(sec, 2),
+                         "GB_per_s": round(fp_mb / 1e3 / sec, 3)})
+            del model, rep
+    return rows
+
+
 PEER_SNIPPET = r"""
 import json, math, statistics, sys, time, os
 os.environ.setdefault("ORBITQUANT_KERNELS_AUTOFETCH", "0")
@@ -234,7 +269,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suites", nargs="*", default=["layer", "quantize"], help="layer and/or quantize (default both)")
+    ap.add_argument("suites", nargs="*", default=["layer", "quantize", "model"],
+                    help="layer, quantize and/or model (default all)")
+    ap.add_argument("--model-layers", type=int, default=16, help="d x d linears in the model suite")
     ap.add_argument("--d", type=int, default=3072)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--bits", nargs="+", default=["w4a4", "w4a8", "w2a4"])
@@ -243,8 +280,8 @@ def main() -> None:
     ap.add_argument("--peer-python", help="interpreter of a venv with the PyPI orbitquant package")
     ap.add_argument("--out", default=str(ROOT / "results/bench"))
     a = ap.parse_args()
-    if bad := set(a.suites) - {"layer", "quantize"}:
-        ap.error(f"unknown suite(s) {sorted(bad)}; valid: layer, quantize")
+    if bad := set(a.suites) - {"layer", "quantize", "model"}:
+        ap.error(f"unknown suite(s) {sorted(bad)}; valid: layer, quantize, model")
     torch.set_num_threads(a.threads)
     pairs = [(int(b[1:b.index("a")]), int(b[b.index("a") + 1:])) for b in (s.lower() for s in a.bits)]
     meta = {"device": device_name(), "cpu": device_name().split("-", 2)[-1], "torch": torch.__version__,
@@ -257,12 +294,15 @@ def main() -> None:
             rows += peer_suite(a.peer_python, a.d, a.tokens, pairs, a.reps)
     if "quantize" in a.suites:
         rows += quantize_suite(a.d, a.reps)
+    if "model" in a.suites:
+        rows += model_suite(a.d, a.model_layers, pairs)
     meta["load_avg_end"] = os.getloadavg()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{meta['device']}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem = f"{meta['device']}-{'-'.join(a.suites)}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(rows, meta)
-    (out / f"{meta['device']}.md").write_text(md)
+    (out / f"{stem}.md").write_text(md)
     print(md)
 
 
