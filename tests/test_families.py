@@ -56,10 +56,10 @@ def test_quantized_tiny_pipeline_generates_finite_images(adapter_name):
 @pytest.mark.parametrize("model, eval_", sorted((m, e) for m, e, _ in TINY.values()))
 def test_run_every_method_on_tiny_family(model, eval_, tmp_path):
     # calibrated methods calibrate on the family's smoke calib protocol (same name as the eval)
-    _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant", f"eval={eval_}",
+    _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant,vidit_q,ptq4dit", f"eval={eval_}",
           f"calib={eval_}", "dtype=float32", "w_bits=4", "a_bits=8"], tmp_path)
     found = sorted(p.relative_to(tmp_path / "runs").parts[1] for p in (tmp_path / "runs").glob("**/results.json"))
-    assert found == ["fp", "hadamard_rtn", "orbit", "qdit", "rtn", "smoothquant", "svdquant"]
+    assert found == ["fp", "hadamard_rtn", "orbit", "ptq4dit", "qdit", "rtn", "smoothquant", "svdquant", "vidit_q"]
     qdit = json.loads(next((tmp_path / "runs").glob("**/qdit/**/results.json")).read_text())
     assert qdit["quant_report"]["summary"]["calibration"]["inputs_recorded"] >= 1
     fp = json.loads(next((tmp_path / "runs").glob("**/fp/**/results.json")).read_text())
