@@ -13,6 +13,8 @@ Suites:
   quantize  weight quantization throughput (GB/s of fp32 weights) and the cold Lloyd-Max build per bit-width.
   model     a stack of d x d linears quantized layer by layer: peak extra RSS over the fp model, resident bytes
             per runtime mode, end-to-end GB/s.
+  calib     (not in the default set) the digits DiT quantized by orbit and calibrated baselines in one process:
+            wall-clock seconds including calibration, as a ratio to orbit.
 Results: results/bench/<device>-<suites>.json and .md (one file per suite set, so partial runs do not clobber).
 The peer package is also named ``orbitquant``; it cannot share our interpreter, so it runs in its own venv
 (``pip install orbitquant==0.15.0 torch==2.13.0`` there) and is timed by a snippet in that interpreter,
@@ -195,6 +197,41 @@ def model_suite(d: int, n_layers: int, bit_pairs) -> list[dict]:
     return rows
 
 
+def calib_suite(methods: list[str], bits: tuple[int, int]) -> list[dict]:
+    """Quantize the shipped digits DiT with each method, calibration included, in this one process: the
+    data-free OrbitQuant against the calibrated baselines, as wall-clock ratios (conf/quant defaults,
+    conf/calib/digits.yaml: 260 trajectories x 32 steps)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from orbitquant.adapters.digits import DigitsAdapter
+    from orbitquant.factory import build_quant_config
+
+    adapter = DigitsAdapter()
+    base = adapter.load()
+    calib = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/calib/digits.yaml"), resolve=True)["protocol"]
+    rows, times = [], {}
+    for method in methods:
+        q = OmegaConf.load(ROOT / f"conf/quant/{method}.yaml")
+        q = OmegaConf.to_container(OmegaConf.merge({"w_bits": bits[0], "a_bits": bits[1], "quant_seed": 0}, {"q": q}),
+                                   resolve=True)["q"]
+        cfg = build_quant_config(q)
+        pipe = copy.deepcopy(base)
+        den = adapter.denoiser(pipe)
+        t = time.perf_counter()
+        rep = oq.quantize_(den, cfg, adapter.layers(den), probe=lambda p=pipe: adapter.probe(p),
+                           calibrate=lambda p=pipe: adapter.generate(p, **calib, seed=10_000, progress=False))
+        times[method] = time.perf_counter() - t
+        rows.append({"suite": "calib", "model": "digits", "bits": f"W{bits[0]}A{bits[1]}", "impl": method,
+                     "seconds": round(times[method], 2), "calibration_s": rep.calibration.get("seconds"),
+                     "mean_rel_err": round(rep.summary()["mean_rel_err"], 4)})
+    ref = times.get("orbit")
+    for r in rows:
+        r["x_orbit"] = None if not ref else round(times[r["impl"]] / ref, 1)
+    return rows
+
+
 PEER_SNIPPET = r"""
 import json, math, statistics, sys, time, os
 os.environ.setdefault("ORBITQUANT_KERNELS_AUTOFETCH", "0")
@@ -272,6 +309,7 @@ def main() -> None:
     ap.add_argument("suites", nargs="*", default=["layer", "quantize", "model"],
                     help="layer, quantize and/or model (default all)")
     ap.add_argument("--model-layers", type=int, default=16, help="d x d linears in the model suite")
+    ap.add_argument("--calib-methods", nargs="+", default=["orbit", "smoothquant", "qdit"])
     ap.add_argument("--d", type=int, default=3072)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--bits", nargs="+", default=["w4a4", "w4a8", "w2a4"])
@@ -280,8 +318,8 @@ def main() -> None:
     ap.add_argument("--peer-python", help="interpreter of a venv with the PyPI orbitquant package")
     ap.add_argument("--out", default=str(ROOT / "results/bench"))
     a = ap.parse_args()
-    if bad := set(a.suites) - {"layer", "quantize", "model"}:
-        ap.error(f"unknown suite(s) {sorted(bad)}; valid: layer, quantize, model")
+    if bad := set(a.suites) - {"layer", "quantize", "model", "calib"}:
+        ap.error(f"unknown suite(s) {sorted(bad)}; valid: layer, quantize, model, calib")
     torch.set_num_threads(a.threads)
     pairs = [(int(b[1:b.index("a")]), int(b[b.index("a") + 1:])) for b in (s.lower() for s in a.bits)]
     meta = {"device": device_name(), "cpu": device_name().split("-", 2)[-1], "torch": torch.__version__,
@@ -296,6 +334,8 @@ def main() -> None:
         rows += quantize_suite(a.d, a.reps)
     if "model" in a.suites:
         rows += model_suite(a.d, a.model_layers, pairs)
+    if "calib" in a.suites:
+        rows += calib_suite(a.calib_methods, pairs[0])
     meta["load_avg_end"] = os.getloadavg()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
