@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -16,7 +17,8 @@ from torch import nn
 from .artifacts import load_artifact, save_artifact
 from .config import QuantConfig, torch_dtype
 from .nn import GroupWeight, NoActQuant, QuantLinear, construction_runtime
-from .primitives import relative_error
+from .layer_stats import rotation_ks
+from .primitives import relative_error, sqnr_db
 from .registry import METHODS
 from .types import LayerRef
 
@@ -36,6 +38,9 @@ class LayerRecord:
     bytes_src: int
     bytes_q: int
     rel_err: float | None = None  # ||y_q - y|| / ||y|| on the probe input
+    sqnr_db: float | None = None  # -20 log10 rel_err
+    ks_rot: float | None = None  # KS distance of rotated, normalized input coordinates (x sqrt(d)) to N(0, 1)
+    ks_raw: float | None = None  # the same before the rotation (layers with a rotation only)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class QuantReport:
             "compression": src / q if q else None,
             "mean_rel_err": sum(errs) / len(errs) if errs else None,
             "max_rel_err": max(errs) if errs else None,
+            **self._diagnostics(),
             "probe": self.probe,
             "seconds": round(self.seconds, 3),
             "calibration": self.calibration,
@@ -87,6 +93,17 @@ class QuantReport:
             "runtime": self.runtime,
             "linear_bytes_resident": self.resident_bytes,
         }
+
+    def _diagnostics(self) -> dict:
+        """Mean/min SQNR and mean/max KS over the measured layers (None where no layer has them)."""
+        out = {}
+        for key, aggs in (("sqnr_db", ("mean", "min")), ("ks_rot", ("mean", "max")), ("ks_raw", ("mean",))):
+            vals = [getattr(r, key) for r in self.layers if getattr(r, key) is not None and r.treatment != "skip"]
+            vals = [v for v in vals if math.isfinite(v)]
+            for a in aggs:
+                fn = {"mean": lambda v: sum(v) / len(v), "min": min, "max": max}[a]
+                out[f"{a}_{key}"] = round(fn(vals), 5) if vals else None
+        return out
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "config": self.config, "by_role": self.by_role(),
@@ -258,7 +275,9 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
             new.set_runtime(runtime)
             x = inputs.pop(ref.fqn, None)
             if x is not None:
-                rec.rel_err = relative_error(m(x), new(x))
+                y, yq = m(x), new(x)
+                rec.rel_err, rec.sqnr_db = relative_error(y, yq), sqnr_db(y, yq)
+                rec.ks_rot, rec.ks_raw = rotation_ks(new.rotation, x)
             _set_submodule(model, ref.fqn, new)
             m.to("meta")  # free the replaced weights now, even if the caller still holds ``layers``
         report.layers.append(rec)
