@@ -428,6 +428,8 @@ class QuantLinear(nn.Module):
         """``fast``: keep the dequantized weight resident; ``compact``: packed state only, dequantized per forward."""
         if mode not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {mode!r}")
+        if mode == self.runtime and (mode == "compact") == (self.weight is None):
+            return  # already in that state: do not dequantize again
         self.runtime = mode
         self.refresh()
 
