@@ -71,3 +71,72 @@ def test_config_validation():
         SVDQuantConfig(w_bits=1)
     with pytest.raises(ValueError, match="max_shrink"):
         SVDQuantConfig(max_shrink=1.0)
+
+
+class _QKV(torch.nn.Module):
+    """One attention's q/k/v on a shared input (or, with ``split``, k reading a scaled copy)."""
+
+    def __init__(self, d=128, outs=(64, 64, 96), split=False, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.q, self.k, self.v = (torch.nn.Linear(d, o) for o in outs)
+        with torch.no_grad():
+            for lin in (self.q, self.k, self.v):
+                lin.weight.copy_(torch.randn(lin.out_features, d, generator=g) / d ** 0.5)
+        self.split = split
+
+    def forward(self, x):
+        return self.q(x), self.k(2.0 * x if self.split else x), self.v(x)
+
+    def refs(self):
+        from orbitquant.types import LayerRef
+
+        return [LayerRef(n, f"attn.{n}", 0, getattr(self, n)) for n in ("q", "k", "v")]
+
+
+def _quantize_qkv(share, split=False, d=128, outs=(64, 64, 96)):
+    model = _QKV(d, outs, split)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, d, generator=g)
+    x[:, :3] *= 20.0
+    cfg = SVDQuantConfig(rank=8, alpha_grid=4, lowrank_iters=2, clip_grid=4, reservoir=128, share_qkv=share,
+                         probe_tokens=0)
+    report = oq.quantize_(model, cfg, layers=model.refs(), calibrate=lambda: model(x))
+    return model, report, x
+
+
+def test_shared_qkv_one_smoothing_one_down_factor_and_the_runtime_formula():
+    from orbitquant.primitives import fake_quant_groups
+
+    model, report, x = _quantize_qkv(True)
+    q, k, v = model.q, model.k, model.v
+    assert all(isinstance(m, LowRankQuantLinear) for m in (q, k, v))
+    for m in (k, v):
+        torch.testing.assert_close(m.rotation.inv_scale, q.rotation.inv_scale, rtol=0, atol=0)
+        torch.testing.assert_close(m.lr_down, q.lr_down, rtol=0, atol=0)
+        assert m.lr_down.data_ptr() == q.lr_down.data_ptr()  # one storage for the shared D
+    assert q.rank == 8 and q.lr_up.shape == (64, 8) and v.lr_up.shape == (96, 8)
+    # D counted once: r (in + out_q + out_k + out_v), not 3 r (in + out)
+    cal = report.calibration
+    assert cal["shared_qkv_groups"] == 1
+    assert cal["extra_params"] == 8 * (128 + 64 + 64 + 96)
+    assert cal["extra_params_unshared"] == 8 * (3 * 128 + 64 + 64 + 96)
+    # each layer: fq_a(x / lam) Q^T + (x / lam) D^T U^T + b
+    for m in (q, k, v):
+        xs = x * m.rotation.inv_scale
+        expect = (fake_quant_groups(xs, 4, True, 64) @ m.store.dequantize().float().T
+                  + xs @ m.lr_down.float().T @ m.lr_up.float().T + m.bias)
+        torch.testing.assert_close(m(x).float(), expect, rtol=1e-3, atol=1e-3)
+
+
+def test_share_qkv_false_and_different_inputs_fit_per_layer():
+    model, report, _ = _quantize_qkv(False)
+    assert report.calibration["shared_qkv_groups"] == 0
+    assert report.calibration["extra_params"] == report.calibration["extra_params_unshared"]
+    assert not torch.equal(model.q.lr_down, model.k.lr_down)
+    assert model.q.lr_down.data_ptr() != model.k.lr_down.data_ptr()
+    # k sees a different input (its absmax differs): the group falls back to per-layer fits
+    model, report, _ = _quantize_qkv(True, split=True)
+    assert report.calibration["shared_qkv_groups"] == 0
+    assert report.calibration["extra_params"] == 8 * (3 * 128 + 64 + 64 + 96)
+    assert len({m.lr_down.data_ptr() for m in (model.q, model.k, model.v)}) == 3

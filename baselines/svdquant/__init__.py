@@ -16,6 +16,17 @@ Per target linear, from calibration activations (the model's own sampler, every 
    smoothed, unquantized input. Runtime: ``y = fq_a(x / lam) R_q^T + (x / lam) D^T U^T + b``.
 
 Errors are measured on a seeded reservoir of ``reservoir`` calibration tokens per layer.
+
+**Shared-input groups** (``share_qkv``, as deepcompressor's ``exclusive: false``): the q/k/v linears of one
+block (roles ``attn.q/k/v``; likewise ``ctx.q/k/v``) read the same input, checked on the collected
+per-channel absmax (else they are fitted per layer). They are fitted as one linear ``W_cat = [Wq; Wk; Wv]``:
+one smoothing vector ``lam`` (the search on ``W_cat``, objective the output error of the concatenated
+output), one rank-r branch ``L_cat = U_cat D`` (shared ``D``; each layer keeps its rows of ``U_cat``), and
+the residual quantized per layer with its own clip (searched per layer on its own output error: the group-64
+weight quantizer never mixes rows, so this is the concatenated search with one clip per layer). The three
+``LowRankQuantLinear`` hold ``D`` in one shared storage; each layer's ``nbytes`` still counts it (the
+report's per-layer bytes are an upper bound), and the calibration facts give the branch parameters with
+``D`` counted once per group: ``r (in + out_q + out_k + out_v)``.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ class SVDQuantConfig(QuantConfig):
     max_shrink: float = 0.2
     reservoir: int = 256
     seed: int = 0
+    share_qkv: bool = True    # q/k/v of a block (same input) share one smoothing and one low-rank branch
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +88,30 @@ def low_rank(m: torch.Tensor, rank: int, exact: bool, seed: int) -> torch.Tensor
     return (u[:, :rank] * s[:rank]) @ v[:, :rank].T
 
 
+#: shared-input groups: the q/k/v projections of one attention (same block), in this order
+QKV_GROUPS = {"attn": ("attn.q", "attn.k", "attn.v"), "ctx": ("ctx.q", "ctx.k", "ctx.v")}
+
+
+def shared_input_groups(layers: list[LayerRef], absmax: dict[str, torch.Tensor]) -> list[list[LayerRef]]:
+    """The q/k/v groups (two or more members, same block and input width) whose collected per-channel
+    absmax agree, i.e. that really read the same input; members in q, k, v order."""
+    by_key: dict[tuple[int, str], list[LayerRef]] = {}
+    for ref in layers:
+        for kind, roles in QKV_GROUPS.items():
+            if ref.role in roles and ref.block >= 0:
+                by_key.setdefault((ref.block, kind), []).append(ref)
+    groups = []
+    for (_, kind), refs in sorted(by_key.items()):
+        refs = sorted(refs, key=lambda r: QKV_GROUPS[kind].index(r.role))
+        if len(refs) < 2 or len({r.role for r in refs}) != len(refs):
+            continue
+        a0 = absmax[refs[0].fqn]
+        if all(r.module.in_features == refs[0].module.in_features and absmax[r.fqn].shape == a0.shape
+               and torch.allclose(absmax[r.fqn], a0, rtol=1e-6, atol=0.0) for r in refs[1:]):
+            groups.append(refs)
+    return groups
+
+
 def _output_error(y: torch.Tensor, x_s: torch.Tensor, x_q: torch.Tensor, lr: torch.Tensor, q: torch.Tensor) -> float:
     """Relative layer output error ``||y - (X^ L^T + fq_a(X^) Q^T)|| / ||y||``: the objective of every search."""
     return ((y - (x_s @ lr.T + x_q @ q.T)).norm() / y.norm()).item()
@@ -87,9 +123,16 @@ class SVDQuantQuantizer(CollectingQuantizer):
 
     def finish_calibration(self) -> dict:
         self.choices: dict[str, dict] = {}  # per layer: alpha, beta, clip, calibration error, extra params
+        self._fitted: dict[str, dict] = {}  # group members fitted jointly, waiting for their quantize_layer
+        c: SVDQuantConfig = self.config
         stats = self.collected()
-        return {"tokens_per_layer": min(st.tokens for st in stats.values()), "reservoir": self.config.reservoir,
-                "candidates": len(smoothing_candidates(self.config.alpha_grid))}
+        groups = shared_input_groups(self.layers, {f: st.absmax for f, st in stats.items()}) if c.share_qkv else []
+        self.group_of = {r.fqn: g for g in groups for r in g}
+        unshared = sum(c.rank * (r.module.in_features + r.module.out_features) for r in self.layers)
+        shared = unshared - sum(c.rank * r.module.in_features for g in groups for r in g[1:])  # D once per group
+        return {"tokens_per_layer": min(st.tokens for st in stats.values()), "reservoir": c.reservoir,
+                "candidates": len(smoothing_candidates(c.alpha_grid)), "shared_qkv_groups": len(groups),
+                "extra_params": shared, "extra_params_unshared": unshared}
 
     def _fq_w(self, w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
         codes, scales = quantize_groups(w, self.config.w_bits, self.config.group, clip)
@@ -127,26 +170,66 @@ class SVDQuantQuantizer(CollectingQuantizer):
         best.update(y=y, x_s=x_s, x_q=x_q)  # reused by the clip search
         return best_err, best
 
-    def quantize_layer(self, ref: LayerRef) -> LowRankQuantLinear:
+    def _clip(self, ch: dict, lr: torch.Tensor, resid: torch.Tensor) -> tuple[float, float]:
+        """Clip search on the residual by the layer output error: (best shrink, its error)."""
         c: SVDQuantConfig = self.config
-        m = ref.module
-        st = self.collector.stats[ref.fqn]
-        w = m.weight.detach().float()
+        shrinks = torch.linspace(1.0 - c.max_shrink, 1.0, c.clip_grid).tolist() if c.clip_grid > 1 else [1.0]
+        errs = [_output_error(ch["y"], ch["x_s"], ch["x_q"], lr, self._fq_w(resid, s)) for s in shrinks]
+        i = min(range(len(errs)), key=errs.__getitem__)
+        return shrinks[i], errs[i]
+
+    def _factors(self, lr: torch.Tensor, out: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L = U D`` with ``U = u s`` (out, r) and ``D = vh`` (r, in)."""
+        r = self.config.rank
+        if not r:
+            return torch.zeros(out, 0), torch.zeros(0, d)
+        u, s, vh = torch.linalg.svd(lr.double(), full_matrices=False)
+        return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+    def _fit_group(self, group: list[LayerRef]) -> None:
+        """Fit q/k/v jointly on ``W_cat``: one smoothing, one branch ``U_cat D``; residual and clip per layer.
+        Runs at the group's first ``quantize_layer``, while every member still has its weights."""
+        c: SVDQuantConfig = self.config
+        ws = [r.module.weight.detach().float() for r in group]
+        w = torch.cat(ws)
+        st = self.collector.stats[group[0].fqn]  # same input: the first member's reservoir serves all
         x = st.reservoir.to(w.device).float()
         _, ch = self._fit(x, w, st.absmax.to(w.device).float())
         lam, lr = ch["lam"], ch["lowrank"]
-        # clip search on the residual, by the same output error
-        resid = w * lam - lr
-        shrinks = torch.linspace(1.0 - c.max_shrink, 1.0, c.clip_grid).tolist() if c.clip_grid > 1 else [1.0]
-        errs = [_output_error(ch["y"], ch["x_s"], ch["x_q"], lr, self._fq_w(resid, s)) for s in shrinks]
-        clip = shrinks[min(range(len(errs)), key=errs.__getitem__)]
-        self.choices[ref.fqn] = {"alpha": ch["alpha"], "beta": ch["beta"], "clip": clip,
-                                 "calib_err": min(errs), "extra_params": c.rank * (m.in_features + m.out_features)}
-        if c.rank:
-            u, s, vh = torch.linalg.svd(lr.double(), full_matrices=False)
-            up, down = (u[:, :c.rank] * s[:c.rank]).float(), vh[:c.rank].float()
+        up_cat, down = self._factors(lr, w.shape[0], w.shape[1])
+        down = down.to(torch.bfloat16)  # one tensor: the members' lr_down buffers share its storage
+        rows = 0
+        for ref, wi in zip(group, ws):
+            sl = slice(rows, rows + wi.shape[0])
+            rows += wi.shape[0]
+            part = {"y": ch["y"][:, sl], "x_s": ch["x_s"], "x_q": ch["x_q"]}
+            resid = wi * lam - lr[sl]
+            clip, err = self._clip(part, lr[sl], resid)
+            first = ref is group[0]
+            self._fitted[ref.fqn] = {"lam": lam, "resid": resid, "clip": clip, "up": up_cat[sl], "down": down}
+            self.choices[ref.fqn] = {"alpha": ch["alpha"], "beta": ch["beta"], "clip": clip, "calib_err": err,
+                                     "group": [r.fqn for r in group],
+                                     "extra_params": c.rank * (wi.shape[0] + (wi.shape[1] if first else 0))}
+
+    def quantize_layer(self, ref: LayerRef) -> LowRankQuantLinear:
+        c: SVDQuantConfig = self.config
+        m = ref.module
+        if ref.fqn in self.group_of:
+            if ref.fqn not in self._fitted:
+                self._fit_group(self.group_of[ref.fqn])
+            f = self._fitted.pop(ref.fqn)
+            lam, resid, clip, up, down = f["lam"], f["resid"], f["clip"], f["up"], f["down"]
         else:
-            up, down = torch.zeros(m.out_features, 0), torch.zeros(0, m.in_features)
+            st = self.collector.stats[ref.fqn]
+            w = m.weight.detach().float()
+            x = st.reservoir.to(w.device).float()
+            _, ch = self._fit(x, w, st.absmax.to(w.device).float())
+            lam, lr = ch["lam"], ch["lowrank"]
+            resid = w * lam - lr
+            clip, err = self._clip(ch, lr, resid)
+            self.choices[ref.fqn] = {"alpha": ch["alpha"], "beta": ch["beta"], "clip": clip, "calib_err": err,
+                                     "extra_params": c.rank * (m.in_features + m.out_features)}
+            up, down = self._factors(lr, m.out_features, m.in_features)
         return LowRankQuantLinear(GroupWeight(resid, c.w_bits, c.group, clip), m.bias, up, down,
                                   act=GroupActQuant(c.a_bits, c.group, symmetric=True),
                                   rotation=ChannelScale(1.0 / lam), compute_dtype=m.weight.dtype, name=ref.fqn,
