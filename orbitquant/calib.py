@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,14 +50,28 @@ def current_call() -> DenoiserCall | None:
     return _CALL.get()
 
 
+#: run after every published denoiser forward, with its DenoiserCall (``orbitquant.nn`` registers the deferred
+#: NaN/Inf check of CUDA layers here)
+AFTER_CALL: list = []
+
+
+def _after_call(call: DenoiserCall | None) -> None:
+    if sys.exc_info()[0] is not None:  # the forward raised (always_call hooks run then): report that, not ours
+        return
+    for hook in AFTER_CALL:
+        hook(call)
+
+
 @contextmanager
 def denoiser_call(step: int, halves: tuple[str, ...] = ("cond",), n_steps: int | None = None) -> Iterator[None]:
     """Publish the current denoiser call for the duration of the block (adapters wrap each forward)."""
-    token = _CALL.set(DenoiserCall(step, tuple(halves), n_steps))
+    call = DenoiserCall(step, tuple(halves), n_steps)
+    token = _CALL.set(call)
     try:
         yield
     finally:
         _CALL.reset(token)
+    _after_call(call)  # only when the block did not raise
 
 
 CFG_LAYOUTS = ("cond_first", "uncond_first", "calls")
@@ -92,7 +107,9 @@ def publish_calls(denoiser: nn.Module, layout: str, rows: int, n_steps: int | No
         state["tokens"].append(_CALL.set(DenoiserCall(state["step"], halves, n_steps)))
 
     def post(_mod, _args, _kwargs, _out):
+        call = _CALL.get()
         _CALL.reset(state["tokens"].pop())
+        _after_call(call)
 
     h1 = denoiser.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
     h2 = denoiser.register_forward_hook(post, with_kwargs=True, always_call=True)

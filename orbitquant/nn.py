@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calib import current_call
+from .calib import AFTER_CALL, current_call
 from .codebook import Codebook
 from .primitives import (
     dequantize_groups,
@@ -38,6 +38,15 @@ def _kernel():
     from .kernels import orbit_cpu
 
     return orbit_cpu()
+
+
+def _gpu_kernels(x: torch.Tensor):
+    """The Triton kernel module for CUDA tensors (None on CPU, without Triton, or with kernels disabled)."""
+    if x.device.type != "cuda":
+        return None
+    from .kernels import enabled, triton_orbit
+
+    return triton_orbit if enabled() and triton_orbit.available() else None
 
 
 RUNTIMES = ("fast", "compact")
@@ -176,12 +185,25 @@ class OrbitActQuant(ActQuantizer):
             raise NonFiniteInput("activation contains NaN or Inf")
         return s * self.codebook(xf / (s + self.eps))
 
-    def fused(self, rotation: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
-        """``self(rotation(x))`` in one native pass per token (RPBH on CPU, inference only); None when the
-        kernel does not apply, and the caller takes the torch path. Rotated values are bit-identical to the
-        torch path; the fp32 norm may differ in the last ulp, flipping a code only at an exact tie."""
-        k = _kernel() if x.device.type == "cpu" and isinstance(rotation, RPBH) else None
-        if k is None or (x.requires_grad and torch.is_grad_enabled()):
+    def fused(self, rotation: nn.Module | None, x: torch.Tensor, out_dtype: torch.dtype | None = None,
+              flag: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``self(rotation(x))`` in one native pass per token (RPBH, inference only): the C++ kernel on CPU,
+        the Triton kernel on CUDA (output in ``out_dtype``, default fp32); None when no kernel applies, and
+        the caller takes the torch path. CPU: rotated values are bit-identical to the torch path and the fp32
+        norm may differ in the last ulp, flipping a code only at an exact tie. CUDA: the WHT runs as two fp32
+        matrix products (different summation order), so codes can differ at near-ties (tested rate < 1e-4).
+        ``flag`` (CUDA): record NaN/Inf in this device tensor instead of checking here (no host sync)."""
+        if not isinstance(rotation, RPBH) or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        if (t := _gpu_kernels(x)) is not None and t.supports(rotation.d, rotation.h):
+            y, finite = t.rotate_quantize(x, rotation.perm, rotation.signs, rotation.h, self.codebook.thresholds,
+                                          self.codebook.centroids, self.eps, out_dtype=out_dtype or torch.float32,
+                                          flag=flag)
+            if finite is not None and not finite.item():
+                raise NonFiniteInput("activation contains NaN or Inf")
+            return y
+        k = _kernel() if x.device.type == "cpu" else None
+        if k is None:
             return None
         shape = x.shape
         xf = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
@@ -352,9 +374,13 @@ class OrbitWeight(WeightStore):
         w = (rotated_weight if rotated_weight is not None else weight).detach()
         self.bits, self.shape = codebook.bits, tuple(w.shape)
         k = _kernel() if rotated_weight is None and w.device.type == "cpu" and isinstance(rotation, RPBH) else None
+        t = _gpu_kernels(w) if rotated_weight is None and isinstance(rotation, RPBH) else None
         if k is not None:
             idx, n = k.rotate_quantize(w.float().contiguous(), rotation.perm, rotation.signs, rotation.h,
                                        *codebook.kernel_args(), eps, True, 1)
+        elif t is not None and t.supports(rotation.d, rotation.h):
+            idx, n, _ = t.rotate_quantize(w, rotation.perm, rotation.signs, rotation.h, codebook.thresholds,
+                                               codebook.centroids, eps, codes=True)
         else:
             w = (w if rotated_weight is not None else rotation(w)).float()
             n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
@@ -367,6 +393,19 @@ class OrbitWeight(WeightStore):
             return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms)
         idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
         return self.codebook.decode(idx) * self.norms.float()[:, None]
+
+    def matmul(self, h: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``F.linear(h, dequantize(), bias)`` straight from the packed codes (Triton LUT-dequant GEMM on CUDA,
+        bf16/fp16 compute, 2/4/8 bits, in_features a multiple of 256); None when it does not apply."""
+        t = _gpu_kernels(h)
+        if t is None or dtype not in (torch.bfloat16, torch.float16) or self.bits not in (2, 4, 8) \
+                or self.shape[1] % 256:
+            return None
+        lut = self._luts.get(dtype) if hasattr(self, "_luts") else None
+        if lut is None or lut.device != h.device:  # the 2^b-entry table in the compute dtype, made once
+            self._luts = {dtype: self.codebook.centroids.to(device=h.device, dtype=dtype)}
+            lut = self._luts[dtype]
+        return t.lut_gemm(h, self.codes, self.bits, self.shape[0], lut, self.norms, bias, out_dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, norm_dtype={self.norms.dtype}"
@@ -384,6 +423,31 @@ def uniform_act(bits: int, symmetric: bool, granularity: str = "token") -> ActQu
 
 
 # ------------------------------------------------------------------------------------------ QuantLinear
+#: CUDA layers with a device-side NaN/Inf flag not yet read (checked once per denoiser call, not per layer)
+_DEFERRED: dict[int, QuantLinear] = {}
+
+
+def check_deferred(call=None) -> None:
+    """Raise :class:`NonFiniteInput` naming the first CUDA layer that met NaN/Inf since the last check.
+
+    Inside a sampler (``orbitquant.calib.denoiser_call`` / ``publish_calls``) CUDA layers do not synchronize
+    to check their input; they set a device flag, and this runs after every denoiser forward: one host sync
+    per forward instead of one per layer."""
+    if not _DEFERRED:
+        return
+    layers = list(_DEFERRED.values())
+    _DEFERRED.clear()
+    bad = torch.nonzero(torch.cat([m._nf_flag.to(layers[0]._nf_flag.device) for m in layers])).flatten().tolist()
+    if bad:
+        for i in bad:
+            layers[i]._nf_flag.zero_()
+        m = layers[bad[0]]
+        where = f" at sampler step {call.step}" if call is not None else ""
+        raise NonFiniteInput(f"layer {m.name!r} ({m.treatment}){where}: activation contains NaN or Inf (found "
+                             f"after the denoiser call; {len(bad)} layer(s) affected); the fp model or an earlier "
+                             "layer produced it (run quant=fp to check the model alone, or quant.nonfinite=record)")
+
+
 def _refresh_after_load(module: QuantLinear, _incompatible_keys) -> None:
     module.refresh()  # a module-level function (not a lambda) keeps quantized models picklable
 
@@ -441,10 +505,21 @@ class QuantLinear(nn.Module):
 
     def _transform(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(transformed input or None, quantized input): the fused native pass when it applies."""
-        if self._fusable and (h := self.act.fused(self.rotation, x)) is not None:
+        if self._fusable and (h := self.act.fused(self.rotation, x, self.compute_dtype,
+                                                   self._deferred_flag(x))) is not None:
             return None, h
         t = self.rotation(x) if self.rotation is not None else x  # the transformed, unquantized input
         return t, self.act(t)
+
+    def _deferred_flag(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The device flag the CUDA kernel writes NaN/Inf into, inside a sampler call (see check_deferred)."""
+        if x.device.type != "cuda" or self.nonfinite != "raise" or current_call() is None:
+            return None
+        flag = getattr(self, "_nf_flag", None)
+        if flag is None or flag.device != x.device:
+            self._nf_flag = flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+        _DEFERRED[id(self)] = self
+        return flag
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -463,7 +538,12 @@ class QuantLinear(nn.Module):
                                      "values": int(bad.sum())})
             x0 = torch.where(bad, torch.zeros((), dtype=x.dtype), x)
             t, h = self._transform(x0)
-        y = F.linear(h.to(self.compute_dtype), self._dense_weight(), self.bias)
+        y = None
+        if self.weight is None and (mm := getattr(self.store, "matmul", None)) is not None:
+            y = mm(h.to(self.compute_dtype), self.bias, self.compute_dtype)  # compact: straight from packed codes
+        if y is None:
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            y = F.linear(h.to(self.compute_dtype), self._dense_weight(), bias)
         extra = None if t is None else self.extra(t)
         return (y if extra is None else y + extra).to(x.dtype)
 
@@ -512,3 +592,6 @@ class LowRankQuantLinear(QuantLinear):
     @property
     def rank(self) -> int:
         return self.lr_down.shape[0]
+
+
+AFTER_CALL.append(check_deferred)

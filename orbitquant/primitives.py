@@ -39,17 +39,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         k = 8 // bits
         pad = (-flat.numel()) % k
         f = torch.nn.functional.pad(flat, (0, pad)).view(-1, k)
-        shifts = torch.arange(k, dtype=torch.int32) * bits
+        shifts = torch.arange(k, dtype=torch.int32, device=flat.device) * bits
         return (f << shifts).sum(dim=1).to(torch.uint8)
     out = []
-    weights = 1 << torch.arange(8, dtype=torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=flat.device)
+    shifts = torch.arange(bits, dtype=torch.int32, device=flat.device)
     for start in range(0, flat.numel(), _PACK_CHUNK):
         c = flat[start:start + _PACK_CHUNK]
         stream = ((c[:, None] >> shifts) & 1).reshape(-1)
         stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8)).view(-1, 8)
         out.append((stream * weights).sum(dim=1).to(torch.uint8))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8, device=flat.device)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -60,13 +60,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     p = packed.to(torch.int32)
     if 8 % bits == 0:
         k = 8 // bits
-        shifts = torch.arange(k, dtype=torch.int32) * bits
+        shifts = torch.arange(k, dtype=torch.int32, device=p.device) * bits
         return ((p[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n].long()
     out = []
-    weights = 1 << torch.arange(bits, dtype=torch.int32)
+    weights = 1 << torch.arange(bits, dtype=torch.int32, device=p.device)
+    bit = torch.arange(8, dtype=torch.int32, device=p.device)
     bytes_per_chunk = _PACK_CHUNK * bits // 8
     for start in range(0, p.numel(), bytes_per_chunk):
-        stream = ((p[start:start + bytes_per_chunk, None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
+        stream = ((p[start:start + bytes_per_chunk, None] >> bit) & 1).reshape(-1)
         stream = stream[: (stream.numel() // bits) * bits].view(-1, bits)
         out.append((stream * weights).sum(dim=1))
     return torch.cat(out)[:n].long()

@@ -6,3 +6,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+# Without a GPU the Triton kernels (orbitquant/kernels/triton_orbit.py) run in Triton's CPU interpreter;
+# the switch must be set before triton is first imported (its library functions are decorated at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
