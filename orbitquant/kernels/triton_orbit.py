@@ -257,20 +257,17 @@ def _pidx(perm: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return _PIDX[key]
 
 
-#: activation-kernel defaults, chosen on an H100 (scripts/bench_gpu.py --variants, results/bench/gpu-*.md): for
-#: Hadamard blocks up to 2048, one token per program with fp32-FMA products and the token permuted in registers
-#: (0.151 ms for 4608 x 3072, the fastest exact variant); for larger blocks, 8 tokens per program on tensor
-#: cores in tf32x3 (0.88 ms for 4608 x 12288 against 3.13 ms one token per program). ``None``: by block size.
+#: activation-kernel defaults, chosen on an H100 (scripts/bench_gpu.py --variants, results/bench/gpu-*.md): one
+#: token per program, fp32-FMA products, the token permuted in registers (0.151 ms for 4608 x 3072, the
+#: fastest exact variant; 0.90 ms for 4608 x 12288 with 8 warps). The batched variant (``rows=8``, tf32x3:
+#: 0.200 / 0.877 ms) is no clear gain, so it is opt-in. ``None`` = these defaults.
 DEFAULT_PRECISION: str | None = None
 DEFAULT_GATHER = True
 DEFAULT_ROWS: int | None = None
 
 
 def _defaults(h: int) -> tuple[str, int]:
-    big = h >= 4096
-    precision = DEFAULT_PRECISION or ("tf32x3" if big else "ieee")
-    rows = DEFAULT_ROWS if DEFAULT_ROWS is not None else (8 if big else 0)
-    return precision, rows
+    return DEFAULT_PRECISION or "ieee", DEFAULT_ROWS if DEFAULT_ROWS is not None else 0
 
 
 def rotate_quantize(x: torch.Tensor, perm: torch.Tensor, signs: torch.Tensor, h: int, thresholds: torch.Tensor,
