@@ -247,14 +247,14 @@ def perm_index(perm: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return (perm.to(torch.int32) | ((signs < 0).to(torch.int32) << 30)).contiguous()
 
 
-_PIDX: dict = {}
-
-
 def _pidx(perm: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    key = (perm.data_ptr(), signs.data_ptr(), perm.device, perm.numel())
-    if key not in _PIDX:  # rotations are shared per (d, seed): a handful of entries
-        _PIDX[key] = perm_index(perm, signs)
-    return _PIDX[key]
+    # cached on the perm tensor itself (a cache keyed by address could serve a freed rotation's table to a new
+    # one at the same address); it holds the signs tensor it was built from
+    cached = getattr(perm, "_orbitquant_pidx", None)
+    if cached is None or cached[0] is not signs:
+        cached = (signs, perm_index(perm, signs))
+        perm._orbitquant_pidx = cached
+    return cached[1]
 
 
 #: activation-kernel defaults, chosen on an H100 (scripts/bench_gpu.py --variants, results/bench/gpu-*.md): one
