@@ -259,27 +259,10 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     # stream layer by layer: build one replacement, measure it, swap it in, drop the original
     report = QuantReport(method=config.method, config=config.to_dict(), probe=probe_kind, calibration=calibration)
     for ref in layers:
-        m = ref.module
-        src_bits = torch.finfo(m.weight.dtype).bits
-        treatment = plan[ref.fqn]
-        with construction_runtime(runtime):  # a compact layer never materializes its dense weight
-            new = None if treatment == "skip" else (
-                _adaln_layer(ref, config) if treatment == "adaln" else quantizer.quantize_layer(ref))
-        rec = LayerRecord(ref.fqn, ref.role, ref.block, "skip" if new is None else new.treatment,
-                          m.in_features, m.out_features,
-                          src_bits if new is None else new.store.bits,
-                          src_bits if new is None or new.act.bits == 16 else new.act.bits,
-                          _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
+        new, rec = convert_layer(ref, plan[ref.fqn], quantizer, config, runtime, inputs.pop(ref.fqn, None))
         if new is not None:
-            new.nonfinite = config.nonfinite
-            new.set_runtime(runtime)
-            x = inputs.pop(ref.fqn, None)
-            if x is not None:
-                y, yq = m(x), new(x)
-                rec.rel_err, rec.sqnr_db = relative_error(y, yq), sqnr_db(y, yq)
-                rec.ks_rot, rec.ks_raw = rotation_ks(new.rotation, x)
             _set_submodule(model, ref.fqn, new)
-            m.to("meta")  # free the replaced weights now, even if the caller still holds ``layers``
+            ref.module.to("meta")  # free the replaced weights now, even if the caller still holds ``layers``
         report.layers.append(rec)
     if cache is not None and cached is None:
         state = quantizer.calibration_state()
@@ -290,6 +273,36 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[LayerRef] | No
     report.peak_memory = _peak_memory()
     report.runtime, report.resident_bytes = runtime, resident_bytes(model, layers)
     return report
+
+
+@torch.no_grad()
+def convert_layer(ref: LayerRef, treatment: str, quantizer, config: QuantConfig, runtime: str = "fast",
+                  probe_input: torch.Tensor | None = None) -> tuple[QuantLinear | None, LayerRecord]:
+    """One layer's replacement under ``treatment`` (see :func:`layer_treatment`) and its record.
+
+    Returns ``(None, record)`` for ``skip``. The original module is left untouched (the caller swaps the
+    replacement in and frees it); ``probe_input`` rows, when given, measure the layer's output error.
+    ``quantize_`` and the diffusers load-time quantizer (``orbitquant.hf_quantizer``) both build layers
+    here, so the two give identical layers for the same config.
+    """
+    m = ref.module
+    src_bits = torch.finfo(m.weight.dtype).bits
+    with construction_runtime(runtime):  # a compact layer never materializes its dense weight
+        new = None if treatment == "skip" else (
+            _adaln_layer(ref, config) if treatment == "adaln" else quantizer.quantize_layer(ref))
+    rec = LayerRecord(ref.fqn, ref.role, ref.block, "skip" if new is None else new.treatment,
+                      m.in_features, m.out_features,
+                      src_bits if new is None else new.store.bits,
+                      src_bits if new is None or new.act.bits == 16 else new.act.bits,
+                      _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
+    if new is not None:
+        new.nonfinite = config.nonfinite
+        new.set_runtime(runtime)
+        if probe_input is not None:
+            y, yq = m(probe_input), new(probe_input)
+            rec.rel_err, rec.sqnr_db = relative_error(y, yq), sqnr_db(y, yq)
+            rec.ks_rot, rec.ks_raw = rotation_ks(new.rotation, probe_input)
+    return new, rec
 
 
 def resident_bytes(model: nn.Module, layers: list[LayerRef]) -> int:

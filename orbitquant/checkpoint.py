@@ -37,6 +37,32 @@ def config_dict(config: QuantConfig) -> dict:
     return {"method": config.method, **json.loads(json.dumps(dataclasses.asdict(config)))}
 
 
+def layer_records(model: nn.Module, layers: list[LayerRef] | None = None) -> dict[str, dict]:
+    """The manifest entry of every ``QuantLinear`` in ``model``: shape, bias, compute dtype, role, block and
+    treatment (what :func:`rebuild_layer` needs). ``layers`` supplies roles and blocks (default ``linear``, -1)."""
+    info = {r.fqn: (r.role, r.block) for r in layers or []}
+    records = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            role, block = info.get(fqn, ("linear", -1))
+            records[fqn] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                            "dtype": str(m.compute_dtype).removeprefix("torch."), "role": role, "block": block,
+                            "treatment": m.treatment, "adaln": m.treatment == "int4_g64 wo"}
+    return records
+
+
+def rebuild_layer(fqn: str, rec: dict, config: QuantConfig, quantizer) -> QuantLinear:
+    """The module structure of one saved layer (a manifest record), built on a zero weight: its packed state is
+    placeholder until the saved tensors are loaded into it (``load_state_dict``). Data-free methods only."""
+    # built on meta then zeroed: no random init (it would cost time and advance the global RNG)
+    stand_in = nn.Linear(rec["in"], rec["out"], bias=rec["bias"], dtype=getattr(torch, rec["dtype"]), device="meta")
+    stand_in = stand_in.to_empty(device="cpu")
+    for t in stand_in.parameters():
+        nn.init.zeros_(t)  # structure only: the packed state comes from the file
+    ref = LayerRef(fqn, rec["role"], rec["block"], stand_in)
+    return _adaln_layer(ref, config) if rec["adaln"] else quantizer.quantize_layer(ref)
+
+
 def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig,
                    layers: list[LayerRef] | None = None, meta: dict | None = None) -> Path:
     """Write ``model`` (already quantized with ``config``) as a packed checkpoint; returns the directory.
@@ -46,14 +72,7 @@ def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig,
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    info = {r.fqn: (r.role, r.block) for r in layers or []}
-    records = {}
-    for fqn, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            role, block = info.get(fqn, ("linear", -1))
-            records[fqn] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                            "dtype": str(m.compute_dtype).removeprefix("torch."), "role": role, "block": block,
-                            "treatment": m.treatment, "adaln": m.treatment == "int4_g64 wo"}
+    records = layer_records(model, layers)
     if not records:
         raise ValueError("the model has no quantized layers: run quantize_ first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -112,11 +131,7 @@ def load_quantized(model: nn.Module, directory: str | Path, config: QuantConfig 
             if getattr(old, "in_features", None) != rec["in"] or getattr(old, "out_features", None) != rec["out"]:
                 raise ValueError(f"checkpoint {directory} has a {rec['in']}->{rec['out']} linear {fqn!r} that this model "
                                  f"lacks ({type(old).__name__ if old is not None else 'no such module'}): wrong model?")
-            dtype = getattr(torch, rec["dtype"])
-            stand_in = nn.Linear(rec["in"], rec["out"], bias=rec["bias"], dtype=dtype)
-            nn.init.zeros_(stand_in.weight)  # structure only: the packed state comes from the file
-            ref = LayerRef(fqn, rec["role"], rec["block"], stand_in)
-            new = _adaln_layer(ref, saved) if rec["adaln"] else quantizer.quantize_layer(ref)
+            new = rebuild_layer(fqn, rec, saved, quantizer)
             prefix = fqn + "."
             state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
             new.load_state_dict(state, strict=True)  # refreshes the dequantized weight
