@@ -63,6 +63,15 @@ def rebuild_layer(fqn: str, rec: dict, config: QuantConfig, quantizer) -> QuantL
     return _adaln_layer(ref, config) if rec["adaln"] else quantizer.quantize_layer(ref)
 
 
+def saved_layer_slot(model: nn.Module, fqn: str, rec: dict) -> tuple[nn.Module | None, bool]:
+    """The module at ``fqn`` (None if absent) and whether it is the in->out linear the manifest ``rec`` records."""
+    try:
+        old = model.get_submodule(fqn)
+    except AttributeError:
+        return None, False
+    return old, getattr(old, "in_features", None) == rec["in"] and getattr(old, "out_features", None) == rec["out"]
+
+
 def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig,
                    layers: list[LayerRef] | None = None, meta: dict | None = None) -> Path:
     """Write ``model`` (already quantized with ``config``) as a packed checkpoint; returns the directory.
@@ -124,11 +133,8 @@ def load_quantized(model: nn.Module, directory: str | Path, config: QuantConfig 
     with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
         for fqn, rec in manifest["layers"].items():
-            try:
-                old = model.get_submodule(fqn)
-            except AttributeError:
-                old = None
-            if getattr(old, "in_features", None) != rec["in"] or getattr(old, "out_features", None) != rec["out"]:
+            old, fits = saved_layer_slot(model, fqn, rec)
+            if not fits:
                 raise ValueError(f"checkpoint {directory} has a {rec['in']}->{rec['out']} linear {fqn!r} that this model "
                                  f"lacks ({type(old).__name__ if old is not None else 'no such module'}): wrong model?")
             new = rebuild_layer(fqn, rec, saved, quantizer)

@@ -48,7 +48,7 @@ from .api import (
     quantizer_for,
     resident_bytes,
 )
-from .checkpoint import FORMAT, config_dict, layer_records, rebuild_layer
+from .checkpoint import FORMAT, config_dict, layer_records, rebuild_layer, saved_layer_slot
 from .config import QuantConfig
 from .nn import RUNTIMES, construction_runtime
 from .types import LayerRef
@@ -368,11 +368,8 @@ class OrbitQuantDiffusersQuantizer(DiffusersQuantizer):
             raise _error("the orbitquant config in config.json differs from the one in the weights' header; the "
                          "checkpoint was edited by hand: re-save it with save_pretrained(dir)")
         for fqn, rec in m["layers"].items():
-            try:
-                old = model.get_submodule(fqn)
-            except AttributeError:
-                old = None
-            if getattr(old, "in_features", None) != rec["in"] or getattr(old, "out_features", None) != rec["out"]:
+            old, fits = saved_layer_slot(model, fqn, rec)
+            if not fits:
                 raise _error(f"the quantized checkpoint has a {rec['in']}->{rec['out']} linear {fqn!r} that "
                              f"{type(model).__name__} lacks: load it with the model class it was saved from")
             # compact: a skeleton never materializes a dense weight; the real runtime is set once it is loaded
