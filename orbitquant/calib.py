@@ -12,9 +12,9 @@ bounded statistics of what the denoiser and its linears see.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any

@@ -396,10 +396,9 @@ class OrbitWeight(WeightStore):
 
     def matmul(self, h: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """``F.linear(h, dequantize(), bias)`` straight from the packed codes (Triton LUT-dequant GEMM on CUDA,
-        bf16/fp16 compute, 2/4/8 bits, in_features a multiple of 256); None when it does not apply."""
+        bf16/fp16 compute, see ``triton_orbit.gemm_supports``); None when it does not apply."""
         t = _gpu_kernels(h)
-        if t is None or dtype not in (torch.bfloat16, torch.float16) or self.bits not in (2, 4, 8) \
-                or self.shape[1] % 256:
+        if t is None or dtype not in (torch.bfloat16, torch.float16) or not t.gemm_supports(self.shape[1], self.bits):
             return None
         lut = self._luts.get(dtype) if hasattr(self, "_luts") else None
         if lut is None or lut.device != h.device:  # the 2^b-entry table in the compute dtype, made once
@@ -441,11 +440,16 @@ def check_deferred(call=None) -> None:
     if bad:
         for i in bad:
             layers[i]._nf_flag.zero_()
-        m = layers[bad[0]]
-        where = f" at sampler step {call.step}" if call is not None else ""
-        raise NonFiniteInput(f"layer {m.name!r} ({m.treatment}){where}: activation contains NaN or Inf (found "
-                             f"after the denoiser call; {len(bad)} layer(s) affected); the fp model or an earlier "
-                             "layer produced it (run quant=fp to check the model alone, or quant.nonfinite=record)")
+        raise _nonfinite_error(layers[bad[0]], call, "activation contains NaN or Inf (found after the denoiser "
+                               f"call; {len(bad)} layer(s) affected)")
+
+
+def _nonfinite_error(layer: QuantLinear, call, what: str) -> NonFiniteInput:
+    """The error for NaN/Inf met by ``layer`` during sampler call ``call`` (None outside a sampler)."""
+    where = f" at sampler step {call.step}" if call is not None else ""
+    return NonFiniteInput(f"layer {layer.name!r} ({layer.treatment}){where}: {what}; the fp model or an earlier "
+                          "layer produced it (run quant=fp to check the model alone, or quant.nonfinite=record to "
+                          "record and continue)")
 
 
 def _refresh_after_load(module: QuantLinear, _incompatible_keys) -> None:
@@ -528,11 +532,8 @@ class QuantLinear(nn.Module):
             t, h = self._transform(x)
         except NonFiniteInput as e:
             call = current_call()
-            where = f" at sampler step {call.step}" if call is not None else ""
             if self.nonfinite == "raise":
-                raise NonFiniteInput(f"layer {self.name!r} ({self.treatment}){where}: {e}; the fp model or an "
-                                     "earlier layer produced it (run quant=fp to check the model alone, or "
-                                     "quant.nonfinite=record to record and continue)") from None
+                raise _nonfinite_error(self, call, str(e)) from None
             bad = ~torch.isfinite(x)  # count and zero them in the layer input (a rotation would smear them)
             NONFINITE_EVENTS.append({"layer": self.name, "step": None if call is None else call.step,
                                      "values": int(bad.sum())})

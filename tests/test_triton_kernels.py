@@ -101,6 +101,12 @@ def test_lut_gemm_rejects_bad_input():
         T.lut_gemm(torch.randn(2, 256), st.codes, 4, 9, st.codebook.centroids, st.norms)
 
 
+def test_gemm_supports_byte_aligned_widths_and_whole_k_tiles():
+    assert T.gemm_supports(3072, 4) and T.gemm_supports(12288, 2) and T.gemm_supports(5120, 8)
+    assert not T.gemm_supports(3072, 3)  # 3-bit codes straddle bytes
+    assert not T.gemm_supports(96, 4) and not T.gemm_supports(3072 + 128, 4)  # no whole K-tile
+
+
 def test_split_block_is_a_kronecker_factorisation():
     for h in (256, 512, 1024, 2048, 4096):
         a, b = T.split_block(h)

@@ -214,6 +214,15 @@ def interpreting() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
+#: the largest K-tile the autotuner may pick: K must be a multiple of it
+MAX_BLOCK_K = max(c[2] for c in _GEMM_CONFIGS)
+
+
+def gemm_supports(k: int, bits: int) -> bool:
+    """Whether :func:`lut_gemm` takes a weight with ``k`` input features packed at ``bits`` (autotuned tiles)."""
+    return triton is not None and bits in (2, 4, 8) and k % MAX_BLOCK_K == 0
+
+
 @functools.cache
 def _compiled(interpret: bool):
     """The two kernels, compiled for the GPU or (``interpret``) as the interpreter's functions."""
@@ -356,7 +365,7 @@ def lut_gemm(a: torch.Tensor, packed: torch.Tensor, bits: int, n_out: int, centr
     if block is not None:
         bm, bn, bk = block
         kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4}
-    min_k = block[2] if block is not None else max(c[2] for c in _GEMM_CONFIGS)
+    min_k = block[2] if block is not None else MAX_BLOCK_K
     if k % min_k:
         raise ValueError(f"lut_gemm needs K divisible by its K-tile ({min_k}); got K={k}")
 
