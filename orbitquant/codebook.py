@@ -174,43 +174,55 @@ def distortion(d: int, bits: int) -> float:
     return _lloyd_max_np(d, bits)[1]
 
 
+def _cell(u: torch.Tensor, lo: float, inv_width: float) -> torch.Tensor:
+    """``floor((u - lo) * inv_width)`` in float32, unclamped: the grid cell of ``Codebook.encode`` and of the
+    native kernel (``lo`` and ``inv_width`` are float32 values, so no operand rounds differently)."""
+    return ((u - lo) * inv_width).floor_()
+
+
+def _grid(t: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """(lo, inv_width, cells of the sorted float32 thresholds ``t``) with at most one threshold per cell."""
+    if len(t) == 1:
+        return float(t[0]), 1.0, torch.zeros(1, dtype=torch.long)
+    width = float((t[1:].double() - t[:-1].double()).min()) / 2
+    lo = float(t[0])
+    for _ in range(8):  # half the smallest gap leaves one threshold per cell; rounding would need a finer grid
+        inv = float(torch.tensor(1.0 / width, dtype=torch.float32))
+        cells = _cell(t, lo, inv).long()
+        if bool((cells[1:] > cells[:-1]).all()):
+            return lo, inv, cells
+        width /= 2
+    raise RuntimeError("codebook thresholds too close for a lookup grid")  # not reachable for Lloyd-Max tables
+
+
 class Codebook(torch.nn.Module):
     """A scalar codebook as buffers: exact nearest-centroid quantization against the midpoint thresholds.
 
     ``encode`` returns ``#{thresholds t : t < u}`` (what ``torch.bucketize`` returns), but computes it
-    with a uniform-grid lookup table instead of a binary search, which is ~10x slower on CPU: the grid
-    is finer than the smallest gap between thresholds, so each cell holds at most one threshold; one
-    gather gives the count below the cell, one comparison settles the cell's own threshold, and a
-    final +-1 correction absorbs floating-point rounding of the cell index.
+    with a uniform-grid lookup table instead of a binary search, which is ~10x slower on CPU. The cell of u
+    is ``cell(u) = clamp(floor((u - lo) * inv_width))`` in float32, and the tables are built by applying that
+    same float32 function to the thresholds. ``cell`` is monotone (each float op rounds monotonically), so
+    every threshold in an earlier cell is below u and every one in a later cell is above it; the grid is
+    fine enough that each cell holds at most one threshold. Hence two gathers and one comparison give the
+    exact count, with no rounding fix-up: ``idx = base[cell(u)] + (u > inside[cell(u)])``. The native
+    kernel evaluates the same float32 expression on the same tables (``kernel_args``).
     """
 
     def __init__(self, centroids: torch.Tensor) -> None:
         super().__init__()
         c = centroids.to(torch.float64)
-        t = 0.5 * (c[:-1] + c[1:])
+        t = (0.5 * (c[:-1] + c[1:])).float()  # the grid is built on the thresholds actually compared against
         self.register_buffer("centroids", c.float(), persistent=False)
-        self.register_buffer("thresholds", t.float(), persistent=False)
-        t = t.float().double()  # the grid must be built on the thresholds actually compared against
-        k = len(t)
-        if k > 1:
-            width = float((t[1:] - t[:-1]).min()) / 2
-            n_cells = int(math.ceil(float(t[-1] - t[0]) / width)) + 1
-            edges = float(t[0]) + width * torch.arange(n_cells, dtype=torch.float64)
-            base = torch.searchsorted(t, edges, right=False)  # thresholds strictly below each cell's left edge
-            inside = torch.full((n_cells,), math.inf, dtype=torch.float64)
-            cell = torch.floor((t - float(t[0])) / width).long().clamp_(0, n_cells - 1)
-            inside[cell] = t
-            base = torch.minimum(base, cell.new_tensor(k - 1).expand_as(base))
-        else:
-            width, n_cells = 1.0, 1
-            base, inside = torch.zeros(1, dtype=torch.long), t.clone()
-        self.lo, self.inv_width, self.n_cells = float(t[0]), 1.0 / width, n_cells
+        self.register_buffer("thresholds", t, persistent=False)
+        lo, inv_width, cells = _grid(t)
+        n_cells = int(cells[-1]) + 1
+        base = torch.searchsorted(cells, torch.arange(n_cells, dtype=cells.dtype), right=False)
+        inside = torch.full((n_cells,), math.inf, dtype=torch.float32)
+        inside[cells] = t
+        self.lo, self.inv_width, self.n_cells = lo, inv_width, n_cells
         self.register_buffer("_base", base, persistent=False)
         self.register_buffer("_base32", base.int(), persistent=False)  # the native kernel's copy
-        self.register_buffer("_inside", inside.float(), persistent=False)
-        # padded thresholds for the +-1 correction: t_pad[i] = t_{i-1}, with -inf / +inf at the ends
-        pad = torch.cat([torch.tensor([-math.inf]), t.float(), torch.tensor([math.inf])])
-        self.register_buffer("_tpad", pad, persistent=False)
+        self.register_buffer("_inside", inside, persistent=False)
 
     @property
     def bits(self) -> int:
@@ -221,18 +233,15 @@ class Codebook(torch.nn.Module):
 
         Inputs must not be NaN (callers check: ``QuantLinear`` on activations, ``quantize_`` on weights).
         """
-        flat = u.reshape(-1)  # 1-D index_select is several times faster than advanced indexing on CPU
-        j = ((flat - self.lo) * self.inv_width).floor_().clamp_(0, self.n_cells - 1).long()
+        flat = u.reshape(-1).float()  # 1-D index_select is several times faster than advanced indexing on CPU
+        j = _cell(flat, self.lo, self.inv_width).clamp_(0, self.n_cells - 1).long()
         idx = self._base.index_select(0, j)
         idx += flat > self._inside.index_select(0, j)
-        # rounding may put u one cell off: fix idx so that t_{idx-1} < u <= t_idx
-        idx += flat > self._tpad.index_select(0, idx + 1)
-        idx -= ((flat <= self._tpad.index_select(0, idx)) & (idx > 0)).long()
         return idx.view(u.shape)
 
     def kernel_args(self) -> tuple:
         """The tables the native kernel searches (``orbitquant.kernels``): same thresholds, same answers."""
-        return self.thresholds, self.centroids, self._base32, self._inside, self._tpad, self.lo, self.inv_width
+        return self.thresholds, self.centroids, self._base32, self._inside, self.lo, self.inv_width
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
         return self.centroids.index_select(0, idx.reshape(-1)).view(idx.shape)

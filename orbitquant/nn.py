@@ -375,9 +375,13 @@ class OrbitWeight(WeightStore):
         self.bits, self.shape = codebook.bits, tuple(w.shape)
         k = _kernel() if rotated_weight is None and w.device.type == "cpu" and isinstance(rotation, RPBH) else None
         t = _gpu_kernels(w) if rotated_weight is None and isinstance(rotation, RPBH) else None
+        packed = None
         if k is not None:
-            idx, n = k.rotate_quantize(w.float().contiguous(), rotation.perm, rotation.signs, rotation.h,
-                                       *codebook.kernel_args(), eps, True, 1)
+            # mode 2 writes the packed stream directly when each row fills whole bytes (d * bits % 8 == 0)
+            mode = 2 if (self.shape[1] * self.bits) % 8 == 0 else 1
+            out, n = k.rotate_quantize(w.float().contiguous(), rotation.perm, rotation.signs, rotation.h,
+                                       *codebook.kernel_args(), eps, True, mode)
+            packed, idx = (out.reshape(-1), None) if mode == 2 else (None, out)
         elif t is not None and t.supports(rotation.d, rotation.h):
             idx, n, _ = t.rotate_quantize(w, rotation.perm, rotation.signs, rotation.h, codebook.thresholds,
                                                codebook.centroids, eps, codes=True)
@@ -385,7 +389,7 @@ class OrbitWeight(WeightStore):
             w = (w if rotated_weight is not None else rotation(w)).float()
             n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
             idx = codebook.encode(w / n.clamp_min(eps))
-        self.register_buffer("codes", pack_codes(idx, self.bits))
+        self.register_buffer("codes", packed if packed is not None else pack_codes(idx, self.bits))
         self.register_buffer("norms", n.reshape(-1).to(norm_dtype))
 
     def dequantize(self) -> torch.Tensor:
