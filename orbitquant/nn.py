@@ -187,9 +187,9 @@ class OrbitActQuant(ActQuantizer):
 
     def fused(self, rotation: nn.Module | None, x: torch.Tensor, out_dtype: torch.dtype | None = None,
               flag: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``self(rotation(x))`` in one native pass per token (RPBH, inference only): the C++ kernel on CPU,
-        the Triton kernel on CUDA (output in ``out_dtype``, default fp32); None when no kernel applies, and
-        the caller takes the torch path. CPU: rotated values are bit-identical to the torch path and the fp32
+        """``self(rotation(x))`` in one native pass per token (RPBH, inference only): the C++ kernel on CPU
+        (bf16 output when ``out_dtype`` is bf16, else fp32), the Triton kernel on CUDA (output in ``out_dtype``,
+        default fp32); None when no kernel applies, and the caller takes the torch path. CPU: rotated values are bit-identical to the torch path and the fp32
         norm may differ in the last ulp, flipping a code only at an exact tie. CUDA: the WHT runs as two fp32
         matrix products (different summation order), so codes can differ at near-ties (tested rate < 1e-4).
         ``flag`` (CUDA): record NaN/Inf in this device tensor instead of checking here (no host sync)."""
@@ -206,9 +206,11 @@ class OrbitActQuant(ActQuantizer):
         if k is None:
             return None
         shape = x.shape
-        xf = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+        # bf16 in and out natively (no widened copies: bf16 GEMMs are the fast ones on AMX CPUs), else fp32
+        xf = x.reshape(-1, shape[-1])
+        xf = (xf if xf.dtype == torch.bfloat16 else xf.to(torch.float32)).contiguous()
         y, finite = k.rotate_quantize(xf, rotation.perm, rotation.signs, rotation.h, *self.codebook.kernel_args(),
-                                      self.eps, False, 0)
+                                      self.eps, False, 3 if out_dtype == torch.bfloat16 else 0)
         if not finite.item():
             raise NonFiniteInput("activation contains NaN or Inf")
         return y.view(shape)

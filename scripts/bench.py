@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def device_name() -> str:
                 break
     except OSError:
         pass
-    return f"cpu-{torch.get_num_threads()}t-" + "".join(ch if ch.isalnum() else "-" for ch in cpu).strip("-").lower()
+    cpu = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$", " ", cpu, flags=re.IGNORECASE)  # "Intel(R) Xeon(R) Processor"
+    return f"cpu-{torch.get_num_threads()}t-" + re.sub(r"[^0-9a-z]+", "-", cpu.lower()).strip("-")
 
 
 def interleaved(fns: dict[str, callable], reps: int) -> dict[str, float]:
@@ -91,11 +93,15 @@ def layer_suite(d: int, tokens_list: list[int], bit_pairs: list[tuple[int, int]]
         _kernels(True)
         layer = _only_quant_layer(nn.Sequential(_clone(lin)), wb, ab)
         compact = _only_quant_layer(nn.Sequential(_clone(lin)), wb, ab, runtime="compact")
+        # a bf16 model computes in bf16 (the kernel reads and writes bf16): the fast dtype on AMX CPUs
+        layer16 = _only_quant_layer(nn.Sequential(_clone(lin).to(torch.bfloat16)), wb, ab)
+        compact16 = _only_quant_layer(nn.Sequential(_clone(lin).to(torch.bfloat16)), wb, ab, runtime="compact")
         rot = layer.rotation
         dense_r = rot.matrix(torch.float32).T.contiguous()  # rot(x) = x @ R^T -> x @ dense_r
         theory = math.sqrt(d * (distortion(d, wb) + distortion(d, ab)))  # relative error of unit vectors
         for n in tokens_list:
             x = torch.randn(n, d, generator=g)
+            x16 = x.bfloat16()
             y64 = x.double() @ w64.T + lin.bias.double()
 
             def err(y):
@@ -111,9 +117,11 @@ def layer_suite(d: int, tokens_list: list[int], bit_pairs: list[tuple[int, int]]
                 finally:
                     _kernels(True)
 
-            cands = {"fp32 nn.Linear": lambda: lin(x), "bf16 nn.Linear": lambda: bf16(x.bfloat16()),
+            cands = {"fp32 nn.Linear": lambda: lin(x), "bf16 nn.Linear": lambda: bf16(x16),
                      "orbit fast (native kernel)": lambda: layer(x), "orbit compact (native kernel)": lambda: compact(x),
-                     "orbit fast (torch path)": torch_path, "orbit dense-rotation reference": dense_ref}
+                     "orbit fast (torch path)": torch_path, "orbit dense-rotation reference": dense_ref,
+                     "orbit fast, bf16 model (native kernel)": lambda: layer16(x16),
+                     "orbit compact, bf16 model (native kernel)": lambda: compact16(x16)}
             with torch.no_grad():
                 t = interleaved(cands, reps)
                 errs = {k: err(f()) for k, f in cands.items()}
@@ -121,10 +129,14 @@ def layer_suite(d: int, tokens_list: list[int], bit_pairs: list[tuple[int, int]]
                         "orbit fast (native kernel)": layer.resident_bytes,
                         "orbit compact (native kernel)": compact.resident_bytes,
                         "orbit fast (torch path)": layer.resident_bytes,
+                        "orbit fast, bf16 model (native kernel)": layer16.resident_bytes,
+                        "orbit compact, bf16 model (native kernel)": compact16.resident_bytes,
                         "orbit dense-rotation reference": layer.resident_bytes + dense_r.numel() * 4}
             for k in cands:
                 rows.append({"suite": "layer", "d": d, "tokens": n, "bits": f"W{wb}A{ab}", "impl": k,
                              "ms": round(t[k] * 1e3, 2), "x_fp32": round(t[k] / t["fp32 nn.Linear"], 3),
+                             # against nn.Linear in the layer's own dtype
+                             "x_same_dtype": round(t[k] / t["bf16 nn.Linear" if "bf16" in k else "fp32 nn.Linear"], 3),
                              "rel_err": round(errs[k], 5), "theory": None if k.startswith(("fp32", "bf16")) else
                              round(theory, 5), "resident_MB": round(resident[k] / 1e6, 2),
                              "stored_bits_per_weight": None if k.startswith(("fp32", "bf16")) else
@@ -285,7 +297,9 @@ def peer_suite(python: str, d: int, tokens_list: list[int], bit_pairs, reps: int
             continue
         out.append({"suite": "layer", "d": r["d"], "tokens": r["tokens"], "bits": r["bits"],
                     "impl": r["impl"] + " (orbitquant 0.15.0, own process)", "ms": round(r["ms"], 2),
-                    "x_fp32": round(r["ms"] / base[(r["tokens"], r["bits"])], 3), "rel_err": round(r["rel_err"], 5)})
+                    "x_fp32": round(r["ms"] / base[(r["tokens"], r["bits"])], 3),
+                    "x_same_dtype": round(r["ms"] / base[(r["tokens"], r["bits"])], 3),  # fp32 in, fp32 out
+                    "rel_err": round(r["rel_err"], 5)})
     return out
 
 
@@ -295,8 +309,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"# OrbitQuant benchmarks on `{meta['device']}`", "",
            f"{meta['cpu']}; torch {meta['torch']}, {meta['threads']} thread(s); native kernel: "
            f"{meta['native_kernel']}; {meta['date']}. Times are medians of {meta['reps']} interleaved repetitions; "
-           "`x_fp32` is the ratio to a plain fp32 `nn.Linear` timed in the same loop. All OrbitQuant rows are "
-           "fake-quant (dense fp32 matmul on dequantized weights).", ""]
+           "`x_fp32` is the ratio to a plain fp32 `nn.Linear` timed in the same loop, `x_same_dtype` the ratio to "
+           "`nn.Linear` in the layer's own dtype (bf16 rows: bf16 `nn.Linear`). All OrbitQuant rows are "
+           "fake-quant (a dense matmul in the compute dtype on dequantized weights).", ""]
     df = pd.DataFrame(rows)
     for suite, part in df.groupby("suite", sort=False):
         part = part.dropna(axis=1, how="all").drop(columns="suite")

@@ -146,3 +146,15 @@ def test_report_counts_resident_bytes_per_runtime_mode():
     compact = oq.quantize_(mk(), oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0), runtime="compact").summary()
     assert compact["runtime"] == "compact" and compact["linear_bytes_resident"] == compact["linear_bytes_quant"]
     assert fast["linear_bytes_resident"] == fast["linear_bytes_quant"] + 2 * d * d * 4
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_bf16_in_and_out_is_the_fp32_path_rounded(kernel, bits):
+    # bf16 input is widened exactly, and the bf16 output is the fp32 output rounded to nearest even
+    d = 384
+    x = (torch.randn(37, d, generator=torch.Generator().manual_seed(bits)) * 3).bfloat16()
+    rot, act = make_rotation("rpbh", d, 2), OrbitActQuant(get_codebook(d, bits))
+    y16 = act.fused(rot, x, torch.bfloat16)
+    assert y16.dtype == torch.bfloat16 and y16.shape == x.shape
+    assert torch.equal(y16, act.fused(rot, x.float(), torch.float32).to(torch.bfloat16))
+    assert act.fused(rot, x).dtype == torch.float32  # the default output stays fp32

@@ -169,24 +169,24 @@ struct Lanes8 {
         chi(_mm256_loadu_ps(k.ctab + 8)) {}
 };
 
-inline void quantize8(const Book& k, const Lanes8& r, __m256 u, __m256 vs, int32_t* idx, float* y) {
+// idx != nullptr: store the eight codes; else return s * centroid[code]
+inline __m256 quantize8(const Book& k, const Lanes8& r, __m256 u, __m256 vs, int32_t* idx) {
   if (k.sym) {
     const int32_t m = k.levels / 2;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256 pos = _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_GT_OQ);
     const __m256i notpos = _mm256_castps_si256(_mm256_xor_ps(pos, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
     // |u|, one float up where u <= 0 (integer +1 on the bits of a non-negative float = next float up; +inf stays)
-    const __m256i up = _mm256_sub_epi32(_mm256_castps_si256(_mm256_andnot_ps(sign, u)), notpos);
-    const __m256 a = _mm256_castsi256_ps(_mm256_min_epi32(up, _mm256_set1_epi32(0x7f800000)));
+    const __m256i next = _mm256_sub_epi32(_mm256_castps_si256(_mm256_andnot_ps(sign, u)), notpos);
+    const __m256 a = _mm256_castsi256_ps(_mm256_min_epi32(next, _mm256_set1_epi32(0x7f800000)));
     const __m256i c = search8(a, m, r.tlo, r.thi);
-    if (y != nullptr) {
+    if (idx == nullptr) {
       const __m256 cv = m <= 8 ? _mm256_permutevar8x32_ps(r.clo, c) : lut16(r.clo, r.chi, c);
-      _mm256_storeu_ps(y, _mm256_mul_ps(vs, _mm256_xor_ps(cv, _mm256_and_ps(_mm256_castsi256_ps(notpos), sign))));
-    } else {
-      const __m256i up = _mm256_add_epi32(_mm256_set1_epi32(m), c), down = _mm256_sub_epi32(_mm256_set1_epi32(m - 1), c);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx), _mm256_blendv_epi8(up, down, notpos));
+      return _mm256_mul_ps(vs, _mm256_xor_ps(cv, _mm256_and_ps(_mm256_castsi256_ps(notpos), sign)));
     }
-    return;
+    const __m256i up = _mm256_add_epi32(_mm256_set1_epi32(m), c), down = _mm256_sub_epi32(_mm256_set1_epi32(m - 1), c);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx), _mm256_blendv_epi8(up, down, notpos));
+    return vs;
   }
   __m256i i;
   if (k.levels <= 16) {
@@ -198,27 +198,53 @@ inline void quantize8(const Book& k, const Lanes8& r, __m256 u, __m256 vs, int32
     const __m256 gt = _mm256_cmp_ps(u, _mm256_i32gather_ps(k.inside, c, 4), _CMP_GT_OQ);
     i = _mm256_sub_epi32(_mm256_i32gather_epi32(k.base, c, 4), _mm256_castps_si256(gt));  // mask is -1 where above
   }
-  if (y != nullptr) {
-    const __m256 cv = k.levels <= 16 ? lut16(r.clo, r.chi, i) : _mm256_i32gather_ps(k.C, i, 4);
-    _mm256_storeu_ps(y, _mm256_mul_ps(vs, cv));
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx), i);
-  }
+  if (idx == nullptr)
+    return _mm256_mul_ps(vs, k.levels <= 16 ? lut16(r.clo, r.chi, i) : _mm256_i32gather_ps(k.C, i, 4));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx), i);
+  return vs;
+}
+
+inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
+
+// float -> bfloat16, round to nearest even (what Tensor.to(torch.bfloat16) does for finite values)
+inline void store8(uint16_t* y, __m256 v) {
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);  // the two packed halves, in order
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_castsi256_si128(p));
 }
 #endif
 
-// u = b / den; idx[j] = #{t < u_j} (idx != nullptr) or y[j] = s * C[that index] (y != nullptr)
-inline void quantize_row(const Book& k, const float* b, float den, float s, int32_t* idx, float* y, int64_t d) {
+inline void store1(float* y, float v) { *y = v; }
+inline void store1(uint16_t* y, float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  *y = static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline float load_bf16(uint16_t v) {
+  const uint32_t b = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// u = b / den; idx[j] = #{t < u_j} (idx != nullptr) or y[j] = s * C[that index] (y: float or bf16 bits)
+template <typename Out>
+inline void quantize_row(const Book& k, const float* b, float den, float s, int32_t* idx, Out* y, int64_t d) {
   int64_t j = 0;
 #ifdef __AVX2__
   const Lanes8 r(k);
   const __m256 vden = _mm256_set1_ps(den), vs = _mm256_set1_ps(s);
-  for (; j + 8 <= d; j += 8)
-    quantize8(k, r, _mm256_div_ps(_mm256_loadu_ps(b + j), vden), vs, idx ? idx + j : nullptr, y ? y + j : nullptr);
+  for (; j + 8 <= d; j += 8) {
+    const __m256 v = quantize8(k, r, _mm256_div_ps(_mm256_loadu_ps(b + j), vden), vs, idx ? idx + j : nullptr);
+    if (idx == nullptr) store8(y + j, v);
+  }
 #endif
   for (; j < d; ++j) {
     const int32_t i = encode_one(k, b[j] / den);
-    if (y != nullptr) y[j] = s * k.C[i];
+    if (idx == nullptr) store1(y + j, s * k.C[i]);
     else idx[j] = i;
   }
 }
@@ -304,18 +330,23 @@ torch::Tensor encode(torch::Tensor u, torch::Tensor thresholds, torch::Tensor ce
   const OwnedBook owned(thresholds, centroids, base, inside, lo, inv_width);
   auto uc = u.contiguous();
   auto out = torch::empty(u.sizes(), u.options().dtype(values ? torch::kFloat32 : torch::kInt32));
-  quantize_row(owned.book, uc.data_ptr<float>(), 1.0f, 1.0f, values ? nullptr : out.data_ptr<int32_t>(),
+  quantize_row<float>(owned.book, uc.data_ptr<float>(), 1.0f, 1.0f, values ? nullptr : out.data_ptr<int32_t>(),
                values ? out.data_ptr<float>() : nullptr, uc.numel());  // u / 1 and 1 * c are exact
   return out;
 }
 
-// mode 0: returns {y (n, d) float32, finite flag (1,) uint8}; mode 1: returns {codes (n, d) uint8, norms (n,)
+// x: (n, d) float32 or bfloat16. mode 0: returns {y (n, d) float32, finite flag (1,) uint8}; mode 3: the same with
+// y in bfloat16 (rounded to nearest even, = y.to(torch.bfloat16)); mode 1: returns {codes (n, d) uint8, norms (n,)
 // float32}; mode 2: returns {packed (n, d * bits / 8) uint8 = pack_codes of the codes, norms (n,) float32}
 std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, torch::Tensor signs, int64_t h,
                                            torch::Tensor thresholds, torch::Tensor centroids, torch::Tensor base,
                                            torch::Tensor inside, double lo, double inv_width, double eps,
                                            bool clamp_eps, int64_t mode) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous (n, d) float32");
+  const bool x16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (x16 || x.scalar_type() == torch::kFloat32) && x.is_contiguous(),
+              "x: contiguous (n, d) float32 or bfloat16");
+  TORCH_CHECK(mode >= 0 && mode <= 3, "mode in 0..3");
+  const bool fake = mode == 0 || mode == 3;
   const int64_t n = x.size(0), d = x.size(1);
   TORCH_CHECK(perm.numel() == d && signs.numel() == d && d % h == 0, "perm/signs/h do not fit d");
   const int bits = __builtin_ctz(static_cast<unsigned>(centroids.numel()));
@@ -326,30 +357,35 @@ std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, 
   const Book& book = owned.book;
   const int32_t* P = perm_c.data_ptr<int32_t>();
   const float* S = signs_c.data_ptr<float>();
-  const float* X = x.data_ptr<float>();
+  const float* X = x16 ? nullptr : x.data_ptr<float>();
+  const uint16_t* X16 = x16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
 
   torch::Tensor out, norms;
-  if (mode == 0) {
-    out = torch::empty({n, d}, x.options());
+  if (fake) {
+    out = torch::empty({n, d}, x.options().dtype(mode == 0 ? torch::kFloat32 : torch::kBFloat16));
     norms = torch::ones({1}, x.options().dtype(torch::kUInt8));
   } else {
     out = torch::empty({n, mode == 1 ? d : d * bits / 8}, x.options().dtype(torch::kUInt8));
-    norms = torch::empty({n}, x.options());
+    norms = torch::empty({n}, x.options().dtype(torch::kFloat32));
   }
   float* Y = mode == 0 ? out.data_ptr<float>() : nullptr;
-  uint8_t* Q = mode != 0 ? out.data_ptr<uint8_t>() : nullptr;
-  float* N = mode != 0 ? norms.data_ptr<float>() : nullptr;
+  uint16_t* Y16 = mode == 3 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  uint8_t* Q = fake ? nullptr : out.data_ptr<uint8_t>();
+  float* N = fake ? nullptr : norms.data_ptr<float>();
   const int64_t row_bytes = mode == 1 ? d : d * bits / 8;
   std::atomic<bool> finite{true};
 
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(d);
     std::vector<int32_t> ibuf(d);
+    std::vector<float> xbuf(x16 ? d : 0);
     float* b = buf.data();
     int32_t* ix = ibuf.data();
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = X + r * d;
+      const float* xr = X16 == nullptr ? X + r * d : xbuf.data();
+      if (X16 != nullptr)  // widen the bf16 row once (exact), then the same float path
+        for (int64_t j = 0; j < d; ++j) xbuf[j] = load_bf16(X16[r * d + j]);
       fwht_inplace(b, d, h, permute_signs(xr, P, S, b, d, h));
       const float s = static_cast<float>(std::sqrt(scale_sumsq(b, d, scale)));
       if (!std::isfinite(s)) {
@@ -358,10 +394,14 @@ std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, 
       }
       const float den = clamp_eps ? std::max(s, static_cast<float>(eps)) : s + static_cast<float>(eps);
       if (mode == 0) {
-        quantize_row(book, b, den, s, nullptr, Y + r * d, d);
+        quantize_row<float>(book, b, den, s, nullptr, Y + r * d, d);
         continue;
       }
-      quantize_row(book, b, den, s, ix, nullptr, d);
+      if (mode == 3) {
+        quantize_row<uint16_t>(book, b, den, s, nullptr, Y16 + r * d, d);
+        continue;
+      }
+      quantize_row<float>(book, b, den, s, ix, nullptr, d);
       uint8_t* qr = Q + r * row_bytes;
       if (mode == 1)
         for (int64_t j = 0; j < d; ++j) qr[j] = static_cast<uint8_t>(ix[j]);
@@ -370,8 +410,8 @@ std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, 
       N[r] = s;
     }
   });
-  if (mode == 0 && !finite) norms.fill_(0);
-  if (mode != 0 && !finite) TORCH_CHECK(false, "non-finite row norm");
+  if (fake && !finite) norms.fill_(0);
+  if (!fake && !finite) TORCH_CHECK(false, "non-finite row norm");
   return {out, norms};
 }
 
