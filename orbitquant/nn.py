@@ -229,6 +229,10 @@ class WeightStore(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize_to(self, dtype: torch.dtype) -> torch.Tensor:
+        """``dequantize().to(dtype)``; stores that can decode straight into ``dtype`` override it."""
+        return self.dequantize().to(dtype)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the persistent (saved) state."""
@@ -396,9 +400,15 @@ class OrbitWeight(WeightStore):
 
     def dequantize(self) -> torch.Tensor:
         if self.codes.device.type == "cpu" and (k := _kernel()) is not None:
-            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms)
+            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms, False)
         idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
         return self.codebook.decode(idx) * self.norms.float()[:, None]
+
+    def dequantize_to(self, dtype: torch.dtype) -> torch.Tensor:
+        # bf16 on CPU: decoded and rounded in one pass (= dequantize().to(bf16), tested), no fp32 copy
+        if dtype == torch.bfloat16 and self.codes.device.type == "cpu" and (k := _kernel()) is not None:
+            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms, True)
+        return self.dequantize().to(dtype)
 
     def matmul(self, h: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """``F.linear(h, dequantize(), bias)`` straight from the packed codes (Triton LUT-dequant GEMM on CUDA,
@@ -495,8 +505,7 @@ class QuantLinear(nn.Module):
         if self.runtime == "compact":
             self.weight = None
             return
-        w = self.store.dequantize()
-        self.weight = w.to(device=w.device, dtype=self.compute_dtype)
+        self.weight = self.store.dequantize_to(self.compute_dtype)
 
     def set_runtime(self, mode: str) -> None:
         """``fast``: keep the dequantized weight resident; ``compact``: packed state only, dequantized per forward."""
@@ -510,8 +519,7 @@ class QuantLinear(nn.Module):
     def _dense_weight(self) -> torch.Tensor:
         if self.weight is not None:
             return self.weight
-        w = self.store.dequantize()
-        return w.to(device=w.device, dtype=self.compute_dtype)
+        return self.store.dequantize_to(self.compute_dtype)
 
     def _transform(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(transformed input or None, quantized input): the fused native pass when it applies."""

@@ -158,3 +158,15 @@ def test_fused_bf16_in_and_out_is_the_fp32_path_rounded(kernel, bits):
     assert y16.dtype == torch.bfloat16 and y16.shape == x.shape
     assert torch.equal(y16, act.fused(rot, x.float(), torch.float32).to(torch.bfloat16))
     assert act.fused(rot, x).dtype == torch.float32  # the default output stays fp32
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("d", [64, 100])  # 100: rows that do not start on a byte, and a scalar tail
+def test_native_decode_fp32_and_bf16_match_the_torch_decode(kernel, monkeypatch, bits, d):
+    w = torch.randn(24, d, generator=torch.Generator().manual_seed(bits)) * 2
+    store = OrbitWeight(w, get_codebook(d, bits))  # (treated as already rotated)
+    native32, native16 = store.dequantize(), store.dequantize_to(torch.bfloat16)
+    monkeypatch.setenv("ORBITQUANT_KERNELS", "0")
+    ref = store.dequantize()
+    assert torch.equal(native32, ref)
+    assert native16.dtype == torch.bfloat16 and torch.equal(native16, ref.to(torch.bfloat16))

@@ -415,43 +415,65 @@ std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, 
   return {out, norms};
 }
 
-// packed (ceil(rows * cols * bits / 8),) uint8 -> (rows, cols) float32 = norms[:, None] * centroids[codes]
+// One row of the packed stream (starting at bit p) -> yr[0..cols) = lut[code] (lut = norm * centroids).
+template <typename Out>
+inline void dequant_row(const uint8_t* B, int64_t nbytes, int64_t p, int64_t cols, int bits, const float* lut, Out* yr) {
+  const uint32_t mask = (1u << bits) - 1u;
+  int64_t j = 0;
+#ifdef __AVX2__
+  if ((p & 7) == 0 && (bits == 1 || bits == 2 || bits == 4 || bits == 8)) {
+    // eight codes = `bits` whole bytes: spread them over the lanes, then an in-register (<= 16 levels) or
+    // gathered (8 bits) table lookup
+    const uint8_t* src = B + (p >> 3);
+    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    const __m256i vmask = _mm256_set1_epi32(static_cast<int32_t>(mask));
+    const __m256 llo = _mm256_loadu_ps(lut), lhi = _mm256_loadu_ps(lut + 8);
+    for (; j + 8 <= cols; j += 8, src += bits) {
+      __m256 v;
+      if (bits == 8) {
+        v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))), 4);
+      } else {
+        uint32_t w = 0;
+        std::memcpy(&w, src, bits);
+        const __m256i i = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts), vmask);
+        v = lut16(llo, lhi, i);
+      }
+      store8(yr + j, v);
+    }
+    p += j * bits;
+  }
+#endif
+  for (; j < cols; ++j, p += bits) {
+    const int64_t byte = p >> 3;
+    uint32_t w = B[byte];
+    if (byte + 1 < nbytes) w |= static_cast<uint32_t>(B[byte + 1]) << 8;
+    store1(yr + j, lut[(w >> (p & 7)) & mask]);
+  }
+}
+
+// packed (ceil(rows * cols * bits / 8),) uint8 -> (rows, cols) float32 (or bfloat16, rounded to nearest even) =
+// norms[:, None] * centroids[codes]
 torch::Tensor dequant_rows(torch::Tensor packed, int64_t bits, int64_t rows, int64_t cols, torch::Tensor centroids,
-                           torch::Tensor norms) {
+                           torch::Tensor norms, bool bf16) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits in 1..8");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed: contiguous uint8");
   TORCH_CHECK(packed.numel() == (rows * cols * bits + 7) / 8, "packed size does not fit rows x cols x bits");
+  TORCH_CHECK(centroids.numel() == (1 << bits) && norms.numel() == rows, "centroids / norms do not fit");
   auto c_c = centroids.to(torch::kFloat32).contiguous();
   auto n_c = norms.to(torch::kFloat32).contiguous();
   const uint8_t* B = packed.data_ptr<uint8_t>();
   const float* C = c_c.data_ptr<float>();
   const float* Nr = n_c.data_ptr<float>();
   const int64_t nbytes = packed.numel();
-  auto out = torch::empty({rows, cols}, torch::dtype(torch::kFloat32));
-  float* Y = out.data_ptr<float>();
-  const uint32_t mask = (1u << bits) - 1u;
+  auto out = torch::empty({rows, cols}, torch::dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  float* Y = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* Y16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    float lut[256];
+    float lut[256] = {};
     for (int64_t r = begin; r < end; ++r) {
-      const float nr = Nr[r];
-      for (int32_t k = 0; k <= static_cast<int32_t>(mask); ++k) lut[k] = nr * C[k];
-      float* yr = Y + r * cols;
-      int64_t p = r * cols * bits;
-      if (8 % bits == 0 && (p & 7) == 0 && (cols * bits) % 8 == 0) {  // byte-aligned row: whole bytes
-        const int64_t per = 8 / bits;
-        const uint8_t* src = B + (p >> 3);
-        for (int64_t byte = 0; byte < cols / per; ++byte) {
-          uint32_t w = src[byte];
-          for (int64_t k = 0; k < per; ++k, w >>= bits) yr[byte * per + k] = lut[w & mask];
-        }
-        continue;
-      }
-      for (int64_t j = 0; j < cols; ++j, p += bits) {
-        const int64_t byte = p >> 3;
-        uint32_t w = B[byte];
-        if (byte + 1 < nbytes) w |= static_cast<uint32_t>(B[byte + 1]) << 8;
-        yr[j] = lut[(w >> (p & 7)) & mask];
-      }
+      for (int32_t k = 0; k < (1 << bits); ++k) lut[k] = Nr[r] * C[k];
+      if (bf16) dequant_row(B, nbytes, r * cols * bits, cols, bits, lut, Y16 + r * cols);
+      else dequant_row(B, nbytes, r * cols * bits, cols, bits, lut, Y + r * cols);
     }
   });
   return out;
