@@ -415,30 +415,45 @@ std::vector<torch::Tensor> rotate_quantize(torch::Tensor x, torch::Tensor perm, 
   return {out, norms};
 }
 
+#ifdef __AVX2__
+// Eight codes of BITS in {1, 2, 4, 8} are BITS whole bytes: spread them over the lanes, then an in-register
+// (<= 16 levels) or gathered (8 bits) table lookup. Returns the codes done (a multiple of 8).
+template <int BITS, typename Out>
+inline int64_t dequant_aligned8(const uint8_t* src, int64_t cols, const float* lut, Out* yr) {
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  const __m256i vmask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256 llo = _mm256_loadu_ps(lut), lhi = _mm256_loadu_ps(lut + 8);
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8, src += BITS) {
+    __m256 v;
+    if (BITS == 8) {
+      v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))), 4);
+    } else {
+      uint32_t w = 0;
+      std::memcpy(&w, src, BITS);  // a compile-time size: one load
+      const __m256i i = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts), vmask);
+      v = lut16(llo, lhi, i);
+    }
+    store8(yr + j, v);
+  }
+  return j;
+}
+#endif
+
 // One row of the packed stream (starting at bit p) -> yr[0..cols) = lut[code] (lut = norm * centroids).
 template <typename Out>
 inline void dequant_row(const uint8_t* B, int64_t nbytes, int64_t p, int64_t cols, int bits, const float* lut, Out* yr) {
   const uint32_t mask = (1u << bits) - 1u;
   int64_t j = 0;
 #ifdef __AVX2__
-  if ((p & 7) == 0 && (bits == 1 || bits == 2 || bits == 4 || bits == 8)) {
-    // eight codes = `bits` whole bytes: spread them over the lanes, then an in-register (<= 16 levels) or
-    // gathered (8 bits) table lookup
+  if ((p & 7) == 0) {
     const uint8_t* src = B + (p >> 3);
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    const __m256i vmask = _mm256_set1_epi32(static_cast<int32_t>(mask));
-    const __m256 llo = _mm256_loadu_ps(lut), lhi = _mm256_loadu_ps(lut + 8);
-    for (; j + 8 <= cols; j += 8, src += bits) {
-      __m256 v;
-      if (bits == 8) {
-        v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))), 4);
-      } else {
-        uint32_t w = 0;
-        std::memcpy(&w, src, bits);
-        const __m256i i = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts), vmask);
-        v = lut16(llo, lhi, i);
-      }
-      store8(yr + j, v);
+    switch (bits) {
+      case 1: j = dequant_aligned8<1>(src, cols, lut, yr); break;
+      case 2: j = dequant_aligned8<2>(src, cols, lut, yr); break;
+      case 4: j = dequant_aligned8<4>(src, cols, lut, yr); break;
+      case 8: j = dequant_aligned8<8>(src, cols, lut, yr); break;
+      default: break;
     }
     p += j * bits;
   }
