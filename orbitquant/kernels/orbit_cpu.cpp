@@ -249,18 +249,26 @@ inline void quantize_row(const Book& k, const float* b, float den, float s, int3
   }
 }
 
-// codes idx[0..d) -> the little-endian b-bit stream of pack_codes, written at a byte boundary (d * bits % 8 == 0)
-template <int BITS>
-inline void pack_row_aligned(const int32_t* idx, uint8_t* out, int64_t d) {
+// codes idx[0..d) -> the little-endian b-bit stream of pack_codes, written from a byte boundary: ceil(d * bits / 8)
+// bytes, the last one zero-padded
+template <int BITS, typename Code>
+inline void pack_row_aligned(const Code* idx, uint8_t* out, int64_t d) {
   constexpr int PER = 8 / BITS;
-  for (int64_t byte = 0; byte < d / PER; ++byte) {
+  int64_t byte = 0;
+  for (; byte < d / PER; ++byte) {
     uint32_t acc = 0;
     for (int k = 0; k < PER; ++k) acc |= static_cast<uint32_t>(idx[byte * PER + k]) << (k * BITS);
     out[byte] = static_cast<uint8_t>(acc);
   }
+  if (d % PER) {
+    uint32_t acc = 0;
+    for (int64_t k = 0; k < d % PER; ++k) acc |= static_cast<uint32_t>(idx[byte * PER + k]) << (k * BITS);
+    out[byte] = static_cast<uint8_t>(acc);
+  }
 }
 
-inline void pack_row(const int32_t* idx, uint8_t* out, int64_t d, int bits) {
+template <typename Code>
+inline void pack_row(const Code* idx, uint8_t* out, int64_t d, int bits) {
   switch (bits) {
     case 1: return pack_row_aligned<1>(idx, out, d);
     case 2: return pack_row_aligned<2>(idx, out, d);
@@ -275,7 +283,7 @@ inline void pack_row(const int32_t* idx, uint8_t* out, int64_t d, int bits) {
     for (int k = 0; k < 8; ++k) acc |= static_cast<uint64_t>(idx[j + k]) << (k * bits);
     std::memcpy(out, &acc, bits);
   }
-  uint64_t acc = 0;  // d % 8 codes left (d * bits % 8 == 0): shift into an accumulator, flush whole bytes
+  uint64_t acc = 0;  // the d % 8 codes left: shift into an accumulator, flush whole bytes, then the partial one
   int filled = 0;
   for (; j < d; ++j) {
     acc |= static_cast<uint64_t>(idx[j]) << filled;
@@ -286,6 +294,7 @@ inline void pack_row(const int32_t* idx, uint8_t* out, int64_t d, int bits) {
       filled -= 8;
     }
   }
+  if (filled > 0) *out = static_cast<uint8_t>(acc);
 }
 
 }  // namespace
@@ -499,37 +508,12 @@ torch::Tensor pack_bits(torch::Tensor codes, int64_t bits) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits in 1..8");
   auto c = codes.reshape({-1}).to(torch::kUInt8).contiguous();
   const int64_t n = c.numel();
-  const int64_t nbytes = (n * bits + 7) / 8;
-  auto out = torch::zeros({nbytes}, torch::dtype(torch::kUInt8));
+  auto out = torch::empty({(n * bits + 7) / 8}, torch::dtype(torch::kUInt8));
   const uint8_t* Cd = c.data_ptr<uint8_t>();
   uint8_t* O = out.data_ptr<uint8_t>();
-  if (8 % bits == 0) {  // whole codes per byte: out[i] = c[k i] | c[k i + 1] << bits | ...
-    const int64_t per = 8 / bits;
-    at::parallel_for(0, nbytes, 1 << 16, [&](int64_t begin, int64_t end) {
-      for (int64_t byte = begin; byte < end; ++byte) {
-        uint32_t acc = 0;
-        for (int64_t k = 0; k < per; ++k) {
-          const int64_t i = byte * per + k;
-          acc |= (i < n ? static_cast<uint32_t>(Cd[i]) : 0u) << (k * bits);
-        }
-        O[byte] = static_cast<uint8_t>(acc);
-      }
-    });
-    return out;
-  }
-  // each output byte gathers the codes overlapping it: parallel over bytes, no write conflicts
-  at::parallel_for(0, nbytes, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t byte = begin; byte < end; ++byte) {
-      const int64_t bit0 = byte * 8;
-      int64_t k = bit0 / bits;
-      uint32_t acc = 0;
-      for (; k < n && k * bits < bit0 + 8; ++k) {
-        const int64_t shift = k * bits - bit0;  // may be negative for the code straddling the byte start
-        const uint32_t v = Cd[k];
-        acc |= shift >= 0 ? (v << shift) : (v >> (-shift));
-      }
-      O[byte] = static_cast<uint8_t>(acc & 0xFF);
-    }
+  // groups of eight codes fill `bits` whole bytes, so chunks of groups pack independently
+  at::parallel_for(0, (n + 7) / 8, 1 << 14, [&](int64_t g0, int64_t g1) {
+    pack_row(Cd + 8 * g0, O + g0 * bits, std::min(n, 8 * g1) - 8 * g0, static_cast<int>(bits));
   });
   return out;
 }
