@@ -189,9 +189,10 @@ class OrbitActQuant(ActQuantizer):
               flag: torch.Tensor | None = None) -> torch.Tensor | None:
         """``self(rotation(x))`` in one native pass per token (RPBH, inference only): the C++ kernel on CPU
         (bf16 output when ``out_dtype`` is bf16, else fp32), the Triton kernel on CUDA (output in ``out_dtype``,
-        default fp32); None when no kernel applies, and the caller takes the torch path. CPU: rotated values are bit-identical to the torch path and the fp32
-        norm may differ in the last ulp, flipping a code only at an exact tie. CUDA: the WHT runs as two fp32
-        matrix products (different summation order), so codes can differ at near-ties (tested rate < 1e-4).
+        default fp32); None when no kernel applies, and the caller takes the torch path. CPU: rotated values are
+        bit-identical to the torch path and the fp32 norm may differ in the last ulp, flipping a code only at an
+        exact tie. CUDA: the WHT runs as two fp32 matrix products (different summation order), so codes can
+        differ at near-ties (tested rate < 1e-4).
         ``flag`` (CUDA): record NaN/Inf in this device tensor instead of checking here (no host sync)."""
         if not isinstance(rotation, RPBH) or (x.requires_grad and torch.is_grad_enabled()):
             return None

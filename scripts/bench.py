@@ -56,7 +56,8 @@ def device_name() -> str:
                 break
     except OSError:
         pass
-    cpu = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$", " ", cpu, flags=re.IGNORECASE)  # "Intel(R) Xeon(R) Processor"
+    # "Intel(R) Xeon(R) Processor" -> intel-xeon
+    cpu = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$", " ", cpu, flags=re.IGNORECASE)
     return f"cpu-{torch.get_num_threads()}t-" + re.sub(r"[^0-9a-z]+", "-", cpu.lower()).strip("-")
 
 

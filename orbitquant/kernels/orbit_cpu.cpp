@@ -451,7 +451,8 @@ inline int64_t dequant_aligned8(const uint8_t* src, int64_t cols, const float* l
 
 // One row of the packed stream (starting at bit p) -> yr[0..cols) = lut[code] (lut = norm * centroids).
 template <typename Out>
-inline void dequant_row(const uint8_t* B, int64_t nbytes, int64_t p, int64_t cols, int bits, const float* lut, Out* yr) {
+inline void dequant_row(const uint8_t* B, int64_t nbytes, int64_t p, int64_t cols, int bits, const float* lut,
+                        Out* yr) {
   const uint32_t mask = (1u << bits) - 1u;
   int64_t j = 0;
 #ifdef __AVX2__
