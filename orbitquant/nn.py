@@ -11,6 +11,8 @@ one native pass per token when the CPU kernel is available (``orbitquant.kernels
 
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -221,6 +223,31 @@ class OrbitActQuant(ActQuantizer):
 
 
 # ----------------------------------------------------------------------------------------- weight stores
+class _Workspace(threading.local):
+    """Per-thread buffers (one per dtype, grown to the largest request) that compact layers on CPU decode their
+    weight into for one forward: without it every forward allocates a fresh dense matrix, and the OS faults
+    its pages in (for a 3072 x 3072 fp32 layer that costs ~10x the decode itself)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.bufs.get(dtype)
+        if buf is None or buf.numel() < numel:
+            self.bufs[dtype] = buf = torch.empty(numel, dtype=dtype)
+        return buf
+
+
+_WORKSPACE = _Workspace()
+
+
+def decode_workspace_bytes(dtype: torch.dtype | None = None) -> int:
+    """Bytes held by this thread's compact-mode decode workspace (for ``dtype``, or all): at most one dense weight
+    (the largest compact layer's) per compute dtype, shared by all layers; contents are scratch, overwritten by
+    every decode."""
+    return sum(b.numel() * b.element_size() for k, b in _WORKSPACE.bufs.items() if dtype in (None, k))
+
+
 class WeightStore(nn.Module):
     """Persistent storage of one weight matrix; ``dequantize()`` gives the fp32 matrix the matmul uses."""
 
@@ -230,8 +257,10 @@ class WeightStore(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def dequantize_to(self, dtype: torch.dtype) -> torch.Tensor:
-        """``dequantize().to(dtype)``; stores that can decode straight into ``dtype`` override it."""
+    def dequantize_to(self, dtype: torch.dtype, workspace: bool = False) -> torch.Tensor:
+        """``dequantize().to(dtype)``; stores that can decode straight into ``dtype`` override it. ``workspace``:
+        the caller uses the result at once and drops it, so it may live in the per-thread decode workspace
+        (:func:`decode_workspace_bytes`), overwritten by the next decode."""
         return self.dequantize().to(dtype)
 
     @property
@@ -401,14 +430,17 @@ class OrbitWeight(WeightStore):
 
     def dequantize(self) -> torch.Tensor:
         if self.codes.device.type == "cpu" and (k := _kernel()) is not None:
-            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms, False)
+            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms, False, None)
         idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
         return self.codebook.decode(idx) * self.norms.float()[:, None]
 
-    def dequantize_to(self, dtype: torch.dtype) -> torch.Tensor:
-        # bf16 on CPU: decoded and rounded in one pass (= dequantize().to(bf16), tested), no fp32 copy
-        if dtype == torch.bfloat16 and self.codes.device.type == "cpu" and (k := _kernel()) is not None:
-            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms, True)
+    def dequantize_to(self, dtype: torch.dtype, workspace: bool = False) -> torch.Tensor:
+        # CPU kernel: fp32 or bf16 decoded in one pass (bf16 = dequantize().to(bf16), rounded to nearest even,
+        # tested), optionally into the reused workspace
+        if dtype in (torch.float32, torch.bfloat16) and self.codes.device.type == "cpu" and (k := _kernel()):
+            buf = _WORKSPACE.get(self.shape[0] * self.shape[1], dtype) if workspace else None
+            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms,
+                                  dtype == torch.bfloat16, buf)
         return self.dequantize().to(dtype)
 
     def matmul(self, h: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -517,10 +549,13 @@ class QuantLinear(nn.Module):
         self.runtime = mode
         self.refresh()
 
-    def _dense_weight(self) -> torch.Tensor:
+    def _dense_weight(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return self.weight
-        return self.store.dequantize_to(self.compute_dtype)
+        # compact: decoded for this forward only, so into the shared workspace where the store supports it,
+        # unless autograd has to keep this weight for the backward pass
+        keep = torch.is_grad_enabled() and x.requires_grad
+        return self.store.dequantize_to(self.compute_dtype, workspace=not keep)
 
     def _transform(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(transformed input or None, quantized input): the fused native pass when it applies."""
@@ -559,7 +594,7 @@ class QuantLinear(nn.Module):
             y = mm(h.to(self.compute_dtype), self.bias, self.compute_dtype)  # compact: straight from packed codes
         if y is None:
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-            y = F.linear(h.to(self.compute_dtype), self._dense_weight(), bias)
+            y = F.linear(h.to(self.compute_dtype), self._dense_weight(x), bias)
         extra = None if t is None else self.extra(t)
         return (y if extra is None else y + extra).to(x.dtype)
 
@@ -576,7 +611,8 @@ class QuantLinear(nn.Module):
     @property
     def resident_bytes(self) -> int:
         """What the layer holds in memory between forwards: the persistent state, plus the dequantized weight
-        in ``fast`` mode (never a hidden full-precision cache in ``compact`` mode)."""
+        in ``fast`` mode (never a hidden full-precision cache in ``compact`` mode; on CPU, compact layers decode
+        into one per-thread scratch buffer shared by all of them, reported by :func:`decode_workspace_bytes`)."""
         cache = 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
         return self.nbytes + cache
 

@@ -141,7 +141,11 @@ def layer_suite(d: int, tokens_list: list[int], bit_pairs: list[tuple[int, int]]
                              "rel_err": round(errs[k], 5), "theory": None if k.startswith(("fp32", "bf16")) else
                              round(theory, 5), "resident_MB": round(resident[k] / 1e6, 2),
                              "stored_bits_per_weight": None if k.startswith(("fp32", "bf16")) else
-                             round(8 * layer.store.nbytes / (d * d), 4)})
+                             round(8 * layer.store.nbytes / (d * d), 4),
+                             # compact on CPU: the per-thread buffer all compact layers decode into (scratch)
+                             "workspace_MB": round(oq.nn.decode_workspace_bytes(
+                                 torch.bfloat16 if "bf16" in k else torch.float32) / 1e6, 2) if "compact" in k
+                             else None})
     return rows
 
 

@@ -170,3 +170,27 @@ def test_native_decode_fp32_and_bf16_match_the_torch_decode(kernel, monkeypatch,
     ref = store.dequantize()
     assert torch.equal(native32, ref)
     assert native16.dtype == torch.bfloat16 and torch.equal(native16, ref.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_layers_share_the_decode_workspace_but_not_under_autograd(kernel, dtype):
+    # two compact layers of one shape decode into the same per-thread buffer; each forward must still use its
+    # own weight. A weight autograd may keep for backward (input requiring grad) is decoded into its own tensor.
+    torch.manual_seed(3)
+    d = 256
+    fast = [nn.Sequential(nn.Linear(d, d).to(dtype)) for _ in range(2)]
+    compact = [nn.Sequential(nn.Linear(d, d).to(dtype)) for _ in range(2)]
+    for f, c in zip(fast, compact):
+        c.load_state_dict(f.state_dict())
+        oq.quantize_(f, oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0))
+        oq.quantize_(c, oq.OrbitConfig(w_bits=4, a_bits=8, probe_tokens=0), runtime="compact")
+    x = torch.randn(9, d, dtype=dtype)
+    with torch.no_grad():
+        ys = [c(x) for c in compact]
+        assert all(torch.equal(y, f(x)) for y, f in zip(ys, fast))
+    assert oq.nn.decode_workspace_bytes() >= d * d * torch.finfo(dtype).bits // 8
+    layer, ws = compact[0][0], oq.nn._WORKSPACE.bufs[dtype]
+    with torch.no_grad():
+        assert layer._dense_weight(x).data_ptr() == ws.data_ptr()
+    kept = layer._dense_weight(x.clone().requires_grad_(True))
+    assert kept.data_ptr() != ws.data_ptr() and torch.equal(kept, fast[0][0].weight)

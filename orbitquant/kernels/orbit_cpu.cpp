@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -478,8 +479,10 @@ inline void dequant_row(const uint8_t* B, int64_t nbytes, int64_t p, int64_t col
 
 // packed (ceil(rows * cols * bits / 8),) uint8 -> (rows, cols) float32 (or bfloat16, rounded to nearest even) =
 // norms[:, None] * centroids[codes]
+// out (optional): a contiguous buffer of that dtype with at least rows * cols elements to decode into (a reused
+// workspace: no fresh allocation to fault in); the result is then a view of it.
 torch::Tensor dequant_rows(torch::Tensor packed, int64_t bits, int64_t rows, int64_t cols, torch::Tensor centroids,
-                           torch::Tensor norms, bool bf16) {
+                           torch::Tensor norms, bool bf16, std::optional<torch::Tensor> out_buf) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits in 1..8");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed: contiguous uint8");
   TORCH_CHECK(packed.numel() == (rows * cols * bits + 7) / 8, "packed size does not fit rows x cols x bits");
@@ -490,7 +493,15 @@ torch::Tensor dequant_rows(torch::Tensor packed, int64_t bits, int64_t rows, int
   const float* C = c_c.data_ptr<float>();
   const float* Nr = n_c.data_ptr<float>();
   const int64_t nbytes = packed.numel();
-  auto out = torch::empty({rows, cols}, torch::dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
+  torch::Tensor out;
+  if (out_buf.has_value()) {
+    TORCH_CHECK(out_buf->scalar_type() == dtype && out_buf->is_contiguous() && out_buf->device().is_cpu() &&
+                    out_buf->numel() >= rows * cols, "out: a contiguous CPU buffer of the output dtype, large enough");
+    out = out_buf->reshape({-1}).narrow(0, 0, rows * cols).view({rows, cols});
+  } else {
+    out = torch::empty({rows, cols}, torch::dtype(dtype));
+  }
   float* Y = bf16 ? nullptr : out.data_ptr<float>();
   uint16_t* Y16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
