@@ -43,6 +43,12 @@ def fwht(x: torch.Tensor, h: int) -> torch.Tensor:
     shape = x.shape
     n = x.numel() // h
     src = x.reshape(n, h)
+    if torch.is_grad_enabled() and x.requires_grad:  # out= ops are not differentiable: the same sums, stacked
+        s = 1
+        while s < h:
+            a = src.view(n, h // (2 * s), 2, s)
+            src, s = torch.stack((a[:, :, 0] + a[:, :, 1], a[:, :, 0] - a[:, :, 1]), dim=2).reshape(n, h), 2 * s
+        return src.view(shape)
     bufs = (torch.empty_like(src), torch.empty_like(src))
     s, k = 1, 0
     while s < h:

@@ -93,6 +93,20 @@ def test_fwht_matches_sylvester_blockwise(h, d):
     assert torch.allclose(fwht(fwht(x, h), h), h * x, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("h", [1, 8, 64])
+def test_fwht_is_differentiable_with_the_same_values(h):
+    # with autograd on, the butterfly stacks its sums instead of writing with out= (not differentiable):
+    # the values are bit-identical, and the gradient of <fwht(x), g> is fwht(g) (H is symmetric)
+    g = torch.Generator().manual_seed(h)
+    x = torch.randn(5, 3 * h, generator=g)
+    w = torch.randn(5, 3 * h, generator=g)
+    xg = x.clone().requires_grad_(True)
+    y = fwht(xg, h)
+    assert torch.equal(y.detach(), fwht(x, h))
+    (y * w).sum().backward()
+    assert torch.allclose(xg.grad, fwht(w, h), rtol=0, atol=1e-5)
+
+
 def test_fwht_rejects_non_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         fwht(torch.zeros(2, 12), 12)
