@@ -429,19 +429,17 @@ class OrbitWeight(WeightStore):
         self.register_buffer("norms", n.reshape(-1).to(norm_dtype))
 
     def dequantize(self) -> torch.Tensor:
-        if self.codes.device.type == "cpu" and (k := _kernel()) is not None:
-            return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms, False, None)
-        idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
-        return self.codebook.decode(idx) * self.norms.float()[:, None]
+        return self.dequantize_to(torch.float32)
 
     def dequantize_to(self, dtype: torch.dtype, workspace: bool = False) -> torch.Tensor:
-        # CPU kernel: fp32 or bf16 decoded in one pass (bf16 = dequantize().to(bf16), rounded to nearest even,
-        # tested), optionally into the reused workspace
+        # CPU kernel: fp32 or bf16 decoded in one pass (bf16 = the fp32 decode rounded to nearest even, tested),
+        # optionally into the reused workspace
         if dtype in (torch.float32, torch.bfloat16) and self.codes.device.type == "cpu" and (k := _kernel()):
             buf = _WORKSPACE.get(self.shape[0] * self.shape[1], dtype) if workspace else None
             return k.dequant_rows(self.codes, self.bits, *self.shape, self.codebook.centroids, self.norms,
                                   dtype == torch.bfloat16, buf)
-        return self.dequantize().to(dtype)
+        idx = unpack_codes(self.codes, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
+        return (self.codebook.decode(idx) * self.norms.float()[:, None]).to(dtype)
 
     def matmul(self, h: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """``F.linear(h, dequantize(), bias)`` straight from the packed codes (Triton LUT-dequant GEMM on CUDA,
