@@ -37,14 +37,37 @@ class LayerRef:
 
 @dataclass
 class Samples:
-    """Generated images in [-1, 1] with the conditioning that produced them."""
+    """Generated images in [-1, 1] with the conditioning that produced them, in memory.
 
-    images: torch.Tensor  # (N, C, H, W) float32, CPU
+    Runs stream their samples to disk instead (``samplestore.SampleSet``, same ``batches`` / ``labels`` / ``meta``
+    / ``fingerprint`` interface); this class serves calibration, tests and small sets. Metrics read both through
+    :meth:`batches`.
+    """
+
+    images: torch.Tensor  # (N, C, H, W) or videos (N, F, C, H, W), float32 in [-1, 1] (or uint8), CPU
     labels: torch.Tensor  # (N,) int64 class labels (or prompt indices)
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def batches(self, batch_size: int, *, uint8: bool = False):
+        """``(images, labels)`` slices in order: float32 in [-1, 1], or uint8 rounded like a saved PNG."""
+        for s in range(0, len(self), batch_size):
+            x = self.images[s:s + batch_size]
+            if uint8 and x.dtype != torch.uint8:
+                x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            elif not uint8 and x.dtype == torch.uint8:
+                x = x.float() / 127.5 - 1.0
+            yield x, self.labels[s:s + batch_size]
+
+    def fingerprint(self) -> str:
+        """Identifies the sample values: keys feature caches."""
+        import hashlib
+
+        h = hashlib.sha256(str((tuple(self.images.shape), str(self.images.dtype))).encode())
+        h.update(self.images.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -93,15 +93,20 @@ def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
         adapter.check_protocol(OmegaConf.to_container(_compose(["eval=digits"]).eval.protocol), "digits")
 
 
-def test_video_samples_are_saved_as_npz_grid_gif_and_mp4(tmp_path):
+def test_video_samples_are_stored_exactly_with_grid_gif_and_mp4_previews(tmp_path):
     import imageio.v3 as iio
 
-    from orbitquant.generate import load_samples, save_samples
-    from orbitquant.types import Samples
+    from orbitquant.generate import save_previews
+    from orbitquant.samplestore import SampleSet, StoreWriter
 
     clips = torch.rand(2, 9, 3, 16, 24) * 2 - 1
-    files = save_samples(Samples(images=clips, labels=torch.arange(2)), tmp_path / "samples")
-    assert {"samples.npz", "grid.png", "gif_000", "mp4_000", "mp4_001"} <= set(files)
-    assert torch.equal(load_samples(tmp_path / "samples/samples.npz").images, clips)
+    w = StoreWriter(tmp_path / "samples", "k", 2, "float32")
+    w.write(0, 2, clips, [0, 1])
+    w.finish({})
+    w.close()
+    stored = SampleSet.open(tmp_path / "samples")
+    files = save_previews(stored, tmp_path / "samples")
+    assert {"samples", "grid.png", "gif_000", "mp4_000", "mp4_001"} <= set(files)
+    assert torch.equal(next(stored.batches(2))[0], clips)
     frames = iio.imread(tmp_path / files["mp4_000"])
     assert frames.shape == (9, 16, 24, 3)

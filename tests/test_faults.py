@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from test_run import ROOT
+
+from orbitquant.samplestore import SampleSet
 
 SWEEP = ["-m", "eval=smoke", "quant=fp,rtn,smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=1",
          "progress=false"]
@@ -29,8 +30,8 @@ def _finished(tmp_path) -> dict[str, dict]:
     for p in (tmp_path / "runs").glob("**/results.json"):
         res = json.loads(p.read_text())  # must parse: results.json is written atomically, last
         assert res["status"] == "ok"
-        samples = np.load(p.parent / "samples/samples.npz")  # and its samples are complete
-        assert len(samples["images"]) == res["metrics"]["psnr_vs_fp"]["n"]
+        samples = SampleSet.open(p.parent / "samples")  # and its samples are complete
+        assert len(samples) == res["metrics"]["psnr_vs_fp"]["n"]
         out[str(p.relative_to(tmp_path))] = res["metrics"]
     return out
 

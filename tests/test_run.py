@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -48,6 +49,13 @@ def test_every_eval_composes_and_its_metrics_exist(eval_):
     assert build_metrics(list(cfg.eval.metrics)) and cfg.eval.protocol
 
 
+def _stored(run_dir: Path, name: str = "samples") -> torch.Tensor:
+    """A run's stored samples (its sample store), all of them, as float32."""
+    from orbitquant.samplestore import SampleSet
+
+    return torch.cat([x for x, _ in SampleSet.open(run_dir / name).batches(1024)])
+
+
 def _run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     flags = [a for a in args if a.startswith("-")]  # argparse wants Hydra's flags before the overrides
@@ -74,7 +82,7 @@ def test_end_to_end_run_writes_results_and_rerun_skips(tmp_path):
     q = res["quant_report"]["summary"]
     assert q["treatments"]["orbit w4a8"] == 48 and q["linear_bytes_quant"] < q["linear_bytes_src"] / 3
     assert res["provenance"]["versions"]["torch"]
-    assert (run_dir / "samples/grid.png").exists() and (run_dir / "samples/samples.npz").exists()
+    assert (run_dir / "samples/grid.png").exists() and len(_stored(run_dir)) == 20
     assert not (run_dir / ".RUNNING").exists()
     assert "psnr_vs_fp" in p.stdout and "fp reference" in p.stdout
     status = json.loads((run_dir / "status.json").read_text())
@@ -187,15 +195,13 @@ def test_failed_run_leaves_error_marker_and_failed_status(tmp_path):
 
 
 def test_same_config_and_seeds_give_bit_identical_samples_and_metrics(tmp_path):
-    import numpy as np
-
     args = ["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=4", "seed=3"]
     _run(args, tmp_path)
     run_dir = tmp_path / "runs/digits/orbit/w4a4/smoke/q3-s3"
-    first = np.load(run_dir / "samples/samples.npz")["images"].copy()
+    first = _stored(run_dir)
     m1 = json.loads((run_dir / "results.json").read_text())["metrics"]
     _run([*args, "overwrite=true", f"cache_dir={tmp_path}/cache2"], tmp_path)  # fresh fp reference too
-    assert np.array_equal(first, np.load(run_dir / "samples/samples.npz")["images"])
+    assert torch.equal(first, _stored(run_dir))
     assert json.loads((run_dir / "results.json").read_text())["metrics"] == m1
 
 
@@ -224,3 +230,53 @@ def test_quant_checkpoint_is_written_then_reused_with_identical_results(tmp_path
     p = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=4", f"quant_checkpoint={tmp_path}/ckpt"], tmp_path,
              check=False)
     assert p.returncode != 0 and "holds another quant config (w_bits: 3 -> 4" in p.stderr
+
+
+MODEL_DEFAULTS = {  # model -> (eval, calib, dtype) its config selects
+    "digits": ("digits", "digits", "float32"), "tiny_flux": ("t2i_smoke", "t2i_smoke", "float32"),
+    "tiny_zimage": ("t2i_smoke", "t2i_smoke", "float32"), "tiny_wan": ("t2v_smoke", "t2v_smoke", "float32"),
+    "tiny_cogvideox": ("t2v_smoke", "t2v_smoke", "float32"), "tiny_dit": ("c2i_smoke", "c2i_smoke", "float32"),
+    "wan21": ("wan21_fidelity", "wan21", "bfloat16"), "wan21_14b": ("wan21_fidelity", "wan21", "bfloat16"),
+    "flux1_dev": ("flux_dev_fidelity", "flux1_dev", "bfloat16"),
+    "flux1_schnell": ("flux_schnell_fidelity", "flux1_schnell", "bfloat16"),
+    "cogvideox_2b": ("cogvideox_fidelity", "cogvideox", "bfloat16"),
+    "cogvideox_5b": ("cogvideox_fidelity", "cogvideox", "bfloat16"),
+    "zimage_turbo": ("zimage_turbo_fidelity", "zimage_turbo", "bfloat16"),
+    "dit_xl_2": ("dit_fidelity", "dit_xl_2", "bfloat16"),
+}
+
+
+def test_every_model_has_its_defaults_listed_here():
+    assert sorted(MODEL_DEFAULTS) == [m for m in _options("model") if m != "digits_outliers"]
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_DEFAULTS))
+def test_each_model_brings_its_protocols_and_dtype_and_explicit_choices_win(model):
+    ev, cal, dtype = MODEL_DEFAULTS[model]
+    cfg = _compose([f"model={model}"])
+    assert (cfg.eval.name, cfg.calib.name, cfg.dtype, cfg.device) == (ev, cal, dtype, "auto")
+    adapter = build_adapter(OmegaConf.to_container(cfg.model, resolve=True))
+    adapter.check_protocol(OmegaConf.to_container(cfg.eval.protocol, resolve=True), ev)
+    cfg = _compose([f"model={model}", "eval=smoke", "calib=t2i_smoke", "dtype=float16", "device=cpu"])
+    assert (cfg.eval.name, cfg.calib.name, cfg.dtype, cfg.device) == ("smoke", "t2i_smoke", "float16", "cpu")
+    exp = _compose(["experiment=wan21_vbench"])  # an experiment's choices win over its model's
+    assert (exp.model.name, exp.eval.name, exp.device) == ("wan21", "vbench", "cuda")
+
+
+@pytest.mark.parametrize("model", ["wan21", "flux1_dev", "cogvideox_2b", "zimage_turbo", "dit_xl_2"])
+def test_the_mission_command_reaches_the_weights_check_and_ends_in_one_line(tmp_path, model):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [sys.executable, str(ROOT / "run.py"), f"model={model}", "quant=orbit", "w_bits=4", "a_bits=8",
+           f"results_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: model={model}: ") and "hf download" in err[0], p.stderr
+    assert "runs on the CPU" in p.stdout  # the one-line note that a real family on a CPU is slow
+
+
+def test_a_tiny_model_alone_runs_with_its_own_protocol(tmp_path):
+    _run(["model=tiny_flux", "quant=orbit"], tmp_path)
+    res = json.loads(next((tmp_path / "runs").glob("tiny_flux/orbit/w4a8/t2i_smoke/q0-s0/results.json")).read_text())
+    assert res["config"]["device"] == "cpu" and res["sampling"]["store"] == "float32"
+    assert {"load", "reference", "quantize", "sample", "metrics"} <= set(res["timing"]) <= set(res["memory"]) | {"x"}

@@ -39,7 +39,16 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def generate(self, pipe: Any, **protocol: Any) -> Samples:
-        """Deterministic samples for an evaluation protocol."""
+        """Deterministic samples for an evaluation protocol, written batch by batch to ``sink`` (a
+        ``samplestore`` sink; default memory, returning :class:`Samples`). Batches the sink already has are
+        skipped, which is how a killed run resumes."""
+
+    @abstractmethod
+    def n_items(self, protocol: dict) -> int:
+        """How many samples ``generate(**protocol)`` makes (sizes stores and plans before sampling)."""
+
+    #: a real family at true size: on a CPU the run warns that it will be slow
+    heavy: ClassVar[bool] = False
 
     def check_protocol(self, protocol: dict, eval_name: str = "") -> None:
         """Fail early, with the fix, when an eval protocol does not fit this model's ``generate``."""

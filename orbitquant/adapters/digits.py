@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..calib import denoiser_call
 from ..distributed import shard_range
 from ..registry import register_model
-from ..types import LayerRef, Samples
+from ..samplestore import MemorySink
+from ..types import LayerRef
 from .base import ModelAdapter
 from .dit_roles import dit_layer_refs
 
@@ -162,21 +163,32 @@ class DigitsAdapter(ModelAdapter):
         x = torch.randn(n, 1, size, size, generator=g)
         pipe.velocity(x, torch.full((n,), 0.5), torch.arange(n) % 10, guidance=2.0)
 
+    def n_items(self, protocol: dict) -> int:
+        return 10 * protocol["n_per_class"]
+
     def generate(self, pipe: DigitsPipeline, *, n_per_class: int, steps: int, guidance: float,
                  batch_size: int, seed: int, progress: bool = True, desc: str = "sampling",
-                 shard: tuple[int, int] = (0, 1)) -> Samples:
-        """``n_per_class`` samples of each digit; the noise depends only on ``seed`` and the sample index
-        (``shard = (rank, world)`` samples a contiguous part of them: see ``distributed``)."""
+                 shard: tuple[int, int] = (0, 1), sink=None):
+        """``n_per_class`` samples of each digit, written batch by batch to ``sink`` (default: memory, returning
+        :class:`Samples`; see ``samplestore``); batches the sink already has are skipped (resume). The noise
+        depends only on ``seed`` and the sample index (``shard = (rank, world)`` samples a contiguous part of them:
+        see ``distributed``)."""
+        sink = sink if sink is not None else MemorySink()
         size = pipe.image_size
         g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(10 * n_per_class, 1, size, size, generator=g)  # all of it: sample k's noise is row k
         idx = shard_range(10 * n_per_class, shard)
-        noise = torch.randn(10 * n_per_class, 1, size, size, generator=g)[idx.start:idx.stop]
-        labels = torch.arange(idx.start, idx.stop) % 10
-        n = len(idx)
-        out = []
-        n_batches = -(-n // batch_size)
-        with tqdm(total=n_batches * steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-            for i in range(0, n, batch_size):
-                out.append(pipe.sample(noise[i:i + batch_size], labels[i:i + batch_size], steps, guidance, bar))
-        images = torch.cat(out).float().clamp(-1, 1)
-        return Samples(images=images, labels=labels, meta={"steps": steps, "guidance": guidance, "seed": seed})
+        calls = [0]
+        hook = pipe.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        n_batches = -(-len(idx) // batch_size)
+        with hook, tqdm(total=n_batches * steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+            for start in range(idx.start, idx.stop, batch_size):
+                stop = min(idx.stop, start + batch_size)
+                if sink.has(start, stop):
+                    bar.update(steps)
+                    continue
+                before = calls[0]
+                labels = torch.arange(start, stop) % 10
+                x = pipe.sample(noise[start:stop], labels, steps, guidance, bar).float().clamp(-1, 1)
+                sink.write(start, stop, x, labels, forwards=calls[0] - before)
+        return sink.finish({"steps": steps, "guidance": guidance, "seed": seed})

@@ -1,0 +1,88 @@
+"""Peak memory of a run against its sample count: streaming to disk keeps it flat.
+
+    python scripts/bench_memory.py                      # tiny_flux at 256x256, 8 vs 128 samples, fp and orbit
+    python scripts/bench_memory.py --counts 8 32 128 --out results/bench/cpu-memory-streaming
+
+Each case is a fresh ``run.py`` process (model=tiny_flux, eval=t2i_smoke at 256x256, one prompt repeated), timed,
+with the peak RSS run.py records after each stage in results.json (``memory``: the kernel's ``ru_maxrss`` of the
+run process). The target of issue 18: growth from 8 to 128 samples <= 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_case(n: int, quant: str, size: int, work: Path) -> dict:
+    """One run.py process sampling ``n`` images; returns its wall time, peak RSS and recorded stage peaks."""
+    args = ["model=tiny_flux", "eval=t2i_smoke", f"quant={quant}", f"eval.protocol.height={size}",
+            f"eval.protocol.width={size}", "eval.protocol.prompts=[a photo of a cat]", f"eval.protocol.n_per_prompt={n}",
+            "eval.protocol.batch_size=4", f"results_dir={work}/runs", f"cache_dir={work}/cache", "progress=false"]
+    if quant != "fp":
+        args += ["w_bits=4", "a_bits=8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, check=False)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"run failed ({n} samples, {quant}):\n{p.stderr[-3000:]}")
+    res = json.loads(next((work / "runs").glob(f"**/{quant}/**/results.json")).read_text())
+    disk = sum(f.stat().st_size for f in (work / "runs").glob(f"**/{quant}/**/samples/shard-*.npz"))
+    return {"samples": n, "quant": quant, "wall_s": round(wall, 2),
+            "stage_peak_rss_mb": {k: v["peak_rss_mb"] for k, v in res["memory"].items()},
+            "timing_s": res["timing"], "sample_disk_mb": round(disk / 2**20, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="+", default=[8, 128])
+    ap.add_argument("--quant", nargs="+", default=["orbit"])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--out", default=str(ROOT / "results/bench/cpu-memory-streaming"))
+    a = ap.parse_args()
+    rows = []
+    for quant in a.quant:
+        for n in sorted(a.counts):
+            with tempfile.TemporaryDirectory() as d:
+                rows.append(run_case(n, quant, a.size, Path(d)))
+                print(json.dumps(rows[-1]), flush=True)
+    peaks = {(r["quant"], r["samples"]): max(r["stage_peak_rss_mb"].values()) for r in rows}
+    growth = {q: round(peaks[(q, max(a.counts))] - peaks[(q, min(a.counts))], 1) for q in a.quant}
+    import torch
+
+    out = {"what": f"run.py model=tiny_flux eval=t2i_smoke at {a.size}x{a.size}, batch 4, one fresh process per case",
+           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "python": platform.python_version(), "torch": torch.__version__},
+           "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True, check=False).stdout.strip(),
+           "rows": rows, "growth_mb": growth, "target_growth_mb": 150}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [f"# Peak RSS vs sample count ({out['what']})", "",
+             (f"Machine: {out['machine']}; commit {out['git']}. Peak RSS = max over run.py's recorded stage peaks "
+              "(`ru_maxrss` of the run process)."), "",
+             "| quant | samples | peak RSS MB | load | reference | quantize | sample | metrics | wall s | disk MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r["stage_peak_rss_mb"]
+        lines.append(f"| {r['quant']} | {r['samples']} | {max(st.values())} | " + " | ".join(
+            str(st.get(k, st.get(k + '_cached', '-'))) for k in ("load", "reference", "quantize", "sample", "metrics"))
+            + f" | {r['wall_s']} | {r['sample_disk_mb']} |")
+    lines += ["", f"Growth {min(a.counts)} -> {max(a.counts)} samples: {growth} MB (target <= 150 MB)."]
+    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
