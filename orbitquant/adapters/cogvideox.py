@@ -10,6 +10,7 @@ import torch
 from ..registry import register_model
 from .diffusers_base import DiffusersAdapter
 from .family_roles import COGVIDEOX_ROLES
+from .random_init import build_denoiser, building, finish, shipped_config
 from .tiny_text import t5_encoder, t5_tokenizer
 
 
@@ -47,3 +48,24 @@ class CogVideoXAdapter(DiffusersAdapter):
         tok = t5_tokenizer()
         return CogVideoXPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, seed=seed), vae=vae,
                                  transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
+
+    def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                     device: str = "cpu"):
+        """The true-size CogVideoX transformer with random weights; small stand-ins: a 2-layer T5 of output width
+        ``text_embed_dim`` (4096, as T5-XXL; inner widths 16/64) and a 3-D VAE 8 channels wide with the
+        transformer's latent channels, 8x spatial and its ``temporal_compression_ratio``; the tiny build's
+        scheduler."""
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+        cfg = config or shipped_config(self.name)
+        with building(seed, dtype, device):
+            transformer = build_denoiser(cfg, dtype)
+            tok = t5_tokenizer()
+            text = t5_encoder(tok, d_model=cfg["text_embed_dim"], seed=seed, d_ff=64)
+            vae = AutoencoderKLCogVideoX(  # four levels: 2**3 spatial, as the pipeline reads it
+                down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+                block_out_channels=(8, 8, 8, 8), latent_channels=cfg["in_channels"], layers_per_block=1,
+                norm_num_groups=2, temporal_compression_ratio=cfg["temporal_compression_ratio"])
+        pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=text, vae=vae.eval(), transformer=transformer,
+                                 scheduler=CogVideoXDDIMScheduler())
+        return finish(pipe, dtype)

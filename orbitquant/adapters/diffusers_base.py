@@ -19,6 +19,7 @@ from ..distributed import shard_range
 from ..types import LayerRef, Samples
 from .base import ModelAdapter
 from .hf import resolve_checkpoint
+from .random_init import check_init
 from .roles import RoleTable
 
 
@@ -37,15 +38,22 @@ class DiffusersAdapter(ModelAdapter):
     cfg_layout: ClassVar[str] = "cond_first"
 
     def __init__(self, name: str | None = None, repo_id: str | None = None, path: str | None = None,
-                 download: bool = False, cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0) -> None:
+                 download: bool = False, cpu_offload: bool = False, tiny: bool = False, tiny_seed: int = 0,
+                 init: str = "pretrained", init_seed: int = 0) -> None:
+        """``init``: ``pretrained`` loads the checkpoint; ``random`` builds the true-size denoiser with weights
+        seeded by ``init_seed`` and small stand-ins around it (``build_random``; no download, no HF cache)."""
         self.name = name or self.default_name
         self.repo_id = repo_id or self.default_repo
         self.path, self.download, self.cpu_offload = path, download, cpu_offload
         self.tiny, self.tiny_seed = tiny, tiny_seed
+        check_init(init, tiny, path, self.name)
+        self.init, self.init_seed = init, init_seed
 
     # ------------------------------------------------------------------ loading
     def load(self, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
-        if self.tiny and not self.path:
+        if self.init == "random":  # built on the CPU, like from_pretrained loads; moved below
+            pipe = self.build_random(self.init_seed, dtype)
+        elif self.tiny and not self.path:
             pipe = self.build_tiny(self.tiny_seed).to(dtype=dtype)
         else:
             import diffusers
@@ -60,7 +68,18 @@ class DiffusersAdapter(ModelAdapter):
         return pipe
 
     def fingerprint(self) -> str:
+        if self.init == "random":
+            return f"random-{self.name}-{self.init_seed}"
         return f"tiny-{self.tiny_seed}" if self.tiny and not self.path else str(self.path or self.repo_id)
+
+    def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                     device: str = "cpu") -> Any:
+        """The pipeline with the denoiser at ``config`` (default: the checkpoint's true config,
+        ``random_init.shipped_config(self.name)``) with random weights in ``dtype``, and small random stand-ins
+        for the text encoder(s) and VAE whose widths and compression factors fit it. ``device="meta"`` builds
+        it without memory. Deterministic in (seed, dtype); no hub access."""
+        raise NotImplementedError(f"model={self.name}: model.init=random is not implemented for this family; "
+                                  "use model.init=pretrained")
 
     def _call_kwargs(self, pipe) -> dict[str, Any]:
         return dict(self.tiny_call_kwargs if self.tiny and not self.path else self.call_kwargs)

@@ -14,6 +14,7 @@ from ..registry import register_model
 from ..types import Samples
 from .diffusers_base import DiffusersAdapter
 from .dit_roles import DIT_ROLES
+from .random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler"}
 
@@ -50,6 +51,21 @@ class DiTAdapter(DiffusersAdapter):
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
         return DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDIMScheduler(),
                            id2label={i: f"class{i}" for i in range(1000)})
+
+    def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                     device: str = "cpu"):
+        """The true-size DiT transformer with random weights; small stand-in: a KL VAE 8-16 channels wide with the
+        transformer's latent channels, 8x compression (32x32 latents -> 256x256 images) and SD's latent scale;
+        ``num_embeds_ada_norm`` class labels; DDIM (``load`` swaps in the configured scheduler)."""
+        from diffusers import DDIMScheduler, DiTPipeline
+
+        cfg = config or shipped_config(self.name)
+        with building(seed, dtype, device):
+            transformer = build_denoiser(cfg, dtype)
+            vae = standin_kl_vae(cfg["in_channels"], scaling_factor=0.18215)
+        pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(),
+                           id2label={i: f"class{i}" for i in range(cfg["num_embeds_ada_norm"])})
+        return finish(pipe, dtype)
 
     def generate(self, pipe, *, classes: list[int], n_per_class: int = 1, steps: int, guidance: float,
                  batch_size: int, seed: int, progress: bool = True, desc: str = "sampling",

@@ -7,6 +7,7 @@ import torch
 from ..registry import register_model
 from .diffusers_base import DiffusersAdapter
 from .family_roles import FLUX_ROLES
+from .random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
 from .tiny_text import clip_text_model, clip_tokenizer, t5_encoder, t5_tokenizer
 
 
@@ -41,3 +42,22 @@ class FluxAdapter(DiffusersAdapter):
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip_text_model(ct, seed=seed),
                             tokenizer=ct, text_encoder_2=t5_encoder(tt, seed=seed), tokenizer_2=tt,
                             transformer=transformer.eval())
+
+    def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                     device: str = "cpu"):
+        """The true-size FLUX transformer with random weights; small stand-ins: a 2-layer CLIP of width
+        ``pooled_projection_dim`` (768, as CLIP-L's pooled output), a 2-layer T5 of output width
+        ``joint_attention_dim`` (4096, as T5-XXL; inner widths 16/64), and a KL VAE 8-16 channels wide with
+        ``in_channels / 4`` latent channels (2x2 packing), 8x compression and FLUX's latent scale/shift."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        cfg = config or shipped_config(self.name)
+        with building(seed, dtype, device):
+            transformer = build_denoiser(cfg, dtype)
+            ct, tt = clip_tokenizer(), t5_tokenizer()
+            clip = clip_text_model(ct, hidden=cfg["pooled_projection_dim"], seed=seed)
+            t5 = t5_encoder(tt, d_model=cfg["joint_attention_dim"], seed=seed, d_ff=64)
+            vae = standin_kl_vae(cfg["in_channels"] // 4, scaling_factor=0.3611, shift_factor=0.1159)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=ct,
+                            text_encoder_2=t5, tokenizer_2=tt, transformer=transformer)
+        return finish(pipe, dtype)

@@ -43,13 +43,15 @@ def clip_text_model(tok, hidden: int = 32, seed: int = 0):
     return CLIPTextModel(cfg).eval()
 
 
-def t5_encoder(tok, d_model: int = 32, seed: int = 0, umt5: bool = False):
+def t5_encoder(tok, d_model: int = 32, seed: int = 0, umt5: bool = False, d_ff: int | None = None):
+    """A 2-layer (UM)T5 encoder; ``d_model`` is its output width, ``d_ff`` (default ``2 * d_model``) its MLP width
+    (random-init stand-ins for 4096-wide T5-XXL outputs pass a small one to stay small)."""
     import torch
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
-    cfg = cfg_cls(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
+    cfg = cfg_cls(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=d_ff or 2 * d_model, num_layers=2, num_heads=2,
                   relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                   decoder_start_token_id=tok.pad_token_id)
     return model_cls(cfg).eval()
@@ -71,12 +73,16 @@ def chat_tokenizer(max_length: int = 64):
     return tok
 
 
-def qwen3_model(tok, hidden: int = 16, seed: int = 0):
+def qwen3_model(tok, hidden: int = 16, seed: int = 0, head_dim: int | None = None, intermediate: int | None = None,
+                max_positions: int = 128):
+    """A 2-layer Qwen3; ``hidden`` is its output width, ``head_dim`` (default ``hidden // 2``, 2 heads) and
+    ``intermediate`` (default ``2 * hidden``) its inner widths (small ones keep a 2560-wide stand-in small)."""
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, max_position_embeddings=128,
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      head_dim=head_dim or hidden // 2, max_position_embeddings=max_positions,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return Qwen3Model(cfg).eval()

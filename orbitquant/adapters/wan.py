@@ -11,6 +11,7 @@ import torch
 from ..registry import register_model
 from .diffusers_base import DiffusersAdapter
 from .family_roles import WAN_ROLES
+from .random_init import build_denoiser, building, finish, shipped_config
 from .tiny_text import t5_encoder, t5_tokenizer
 
 
@@ -40,3 +41,21 @@ class WanAdapter(DiffusersAdapter):
         tok = t5_tokenizer()
         return WanPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, seed=seed, umt5=True), transformer=transformer.eval(),
                            vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+    def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                     device: str = "cpu"):
+        """The true-size Wan transformer with random weights; small stand-ins: a 2-layer UMT5 of output width
+        ``text_dim`` (4096, as UMT5-XXL; inner widths 16/64) and a Wan VAE 8 channels wide with ``z_dim`` =
+        the transformer's channels and the real 4x temporal / 8x spatial compression; the tiny build's scheduler."""
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+        cfg = config or shipped_config(self.name)
+        with building(seed, dtype, device):
+            transformer = build_denoiser(cfg, dtype)
+            tok = t5_tokenizer()
+            text = t5_encoder(tok, d_model=cfg["text_dim"], seed=seed, umt5=True, d_ff=64)
+            vae = AutoencoderKLWan(base_dim=8, z_dim=cfg["in_channels"], dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True])  # 2**2 temporal, 2**3 spatial: real
+        pipe = WanPipeline(tokenizer=tok, text_encoder=text, transformer=transformer, vae=vae.eval(),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+        return finish(pipe, dtype)

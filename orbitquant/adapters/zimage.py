@@ -11,6 +11,7 @@ import torch
 from ..registry import register_model
 from .diffusers_base import DiffusersAdapter
 from .family_roles import ZIMAGE_ROLES
+from .random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
 from .tiny_text import chat_tokenizer, qwen3_model
 
 
@@ -37,3 +38,21 @@ class ZImageAdapter(DiffusersAdapter):
         tok = chat_tokenizer()
         return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=qwen3_model(tok, seed=seed),
                               tokenizer=tok, transformer=transformer.eval())
+
+    def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                     device: str = "cpu"):
+        """The true-size Z-Image transformer with random weights; small stand-ins: a 2-layer Qwen3 of width
+        ``cap_feat_dim`` (2560, as Qwen3-4B; head 16, MLP 64, 512 positions) and a KL VAE 8-16 channels wide with
+        the transformer's latent channels, 8x compression and the FLUX VAE's latent scale/shift."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+        cfg = config or shipped_config(self.name)
+        with building(seed, dtype, device):
+            transformer = build_denoiser(cfg, dtype)
+            tok = chat_tokenizer(max_length=512)
+            text = qwen3_model(tok, hidden=cfg["cap_feat_dim"], seed=seed, head_dim=16, intermediate=64,
+                               max_positions=512)
+            vae = standin_kl_vae(cfg["in_channels"], scaling_factor=0.3611, shift_factor=0.1159)
+        pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tok,
+                              transformer=transformer)
+        return finish(pipe, dtype)
