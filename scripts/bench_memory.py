@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_case(n: int, quant: str, size: int, work: Path) -> dict:
-    """One run.py process sampling ``n`` images; returns its wall time, peak RSS and recorded stage peaks."""
+def run_case(n: int, quant: str, size: int, work: Path, root: Path = ROOT) -> dict:
+    """One run.py process (of the checkout at ``root``) sampling ``n`` images; returns its wall time, its peak RSS
+    (GNU time's ``%M``: the kernel's maximum resident set of the process) and the stage peaks run.py recorded."""
     args = ["model=tiny_flux", "eval=t2i_smoke", f"quant={quant}", f"eval.protocol.height={size}",
             f"eval.protocol.width={size}", "eval.protocol.prompts=[a photo of a cat]", f"eval.protocol.n_per_prompt={n}",
             "eval.protocol.batch_size=4", f"results_dir={work}/runs", f"cache_dir={work}/cache", "progress=false"]
@@ -32,15 +33,17 @@ def run_case(n: int, quant: str, size: int, work: Path) -> dict:
         args += ["w_bits=4", "a_bits=8"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, check=False)
+    rss_file = work / "maxrss"
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, str(root / "run.py"), *args],
+                       cwd=root, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"run failed ({n} samples, {quant}):\n{p.stderr[-3000:]}")
     res = json.loads(next((work / "runs").glob(f"**/{quant}/**/results.json")).read_text())
-    disk = sum(f.stat().st_size for f in (work / "runs").glob(f"**/{quant}/**/samples/shard-*.npz"))
-    return {"samples": n, "quant": quant, "wall_s": round(wall, 2),
-            "stage_peak_rss_mb": {k: v["peak_rss_mb"] for k, v in res["memory"].items()},
+    disk = sum(f.stat().st_size for f in (work / "runs").glob(f"**/{quant}/**/samples/*.npz"))
+    return {"samples": n, "quant": quant, "checkout": str(root), "wall_s": round(wall, 2),
+            "peak_rss_mb": round(int(rss_file.read_text().split()[-1]) / 1024, 1),
+            "stage_peak_rss_mb": {k: v["peak_rss_mb"] for k, v in res.get("memory", {}).items()},
             "timing_s": res["timing"], "sample_disk_mb": round(disk / 2**20, 2)}
 
 
@@ -49,16 +52,20 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[8, 128])
     ap.add_argument("--quant", nargs="+", default=["orbit"])
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout (e.g. `git worktree add /tmp/old <commit>`) measured side by side")
     ap.add_argument("--out", default=str(ROOT / "results/bench/cpu-memory-streaming"))
     a = ap.parse_args()
     rows = []
-    for quant in a.quant:
-        for n in sorted(a.counts):
-            with tempfile.TemporaryDirectory() as d:
-                rows.append(run_case(n, quant, a.size, Path(d)))
-                print(json.dumps(rows[-1]), flush=True)
-    peaks = {(r["quant"], r["samples"]): max(r["stage_peak_rss_mb"].values()) for r in rows}
-    growth = {q: round(peaks[(q, max(a.counts))] - peaks[(q, min(a.counts))], 1) for q in a.quant}
+    for root in [ROOT] + ([a.baseline.resolve()] if a.baseline else []):
+        for quant in a.quant:
+            for n in sorted(a.counts):
+                with tempfile.TemporaryDirectory() as d:
+                    rows.append(run_case(n, quant, a.size, Path(d), root))
+                    print(json.dumps(rows[-1]), flush=True)
+    peaks = {(r["checkout"], r["quant"], r["samples"]): r["peak_rss_mb"] for r in rows}
+    growth = {f"{Path(r).name or r}:{q}": round(peaks[(r, q, max(a.counts))] - peaks[(r, q, min(a.counts))], 1)
+              for r, q, _ in peaks}
     import torch
 
     out = {"what": f"run.py model=tiny_flux eval=t2i_smoke at {a.size}x{a.size}, batch 4, one fresh process per case",
@@ -70,16 +77,16 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [f"# Peak RSS vs sample count ({out['what']})", "",
-             (f"Machine: {out['machine']}; commit {out['git']}. Peak RSS = max over run.py's recorded stage peaks "
-              "(`ru_maxrss` of the run process)."), "",
-             "| quant | samples | peak RSS MB | load | reference | quantize | sample | metrics | wall s | disk MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             (f"Machine: {out['machine']}; commit {out['git']}. Peak RSS: GNU time's maximum resident set of the "
+              "run process; the stage columns are the peak so far after each stage (results.json `memory`)."), "",
+             ("| checkout | quant | samples | peak RSS MB | load | reference | quantize | sample | metrics | wall s "
+              "| sample disk MB |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         st = r["stage_peak_rss_mb"]
-        lines.append(f"| {r['quant']} | {r['samples']} | {max(st.values())} | " + " | ".join(
+        lines.append(f"| {r['checkout']} | {r['quant']} | {r['samples']} | {r['peak_rss_mb']} | " + " | ".join(
             str(st.get(k, st.get(k + '_cached', '-'))) for k in ("load", "reference", "quantize", "sample", "metrics"))
             + f" | {r['wall_s']} | {r['sample_disk_mb']} |")
-    lines += ["", f"Growth {min(a.counts)} -> {max(a.counts)} samples: {growth} MB (target <= 150 MB)."]
+    lines += ["", f"Growth of peak RSS {min(a.counts)} -> {max(a.counts)} samples: {growth} MB (target <= 150 MB)."]
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

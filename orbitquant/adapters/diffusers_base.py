@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from ..calib import publish_calls
 from ..data import load_prompts
 from ..distributed import shard_range
-from ..types import LayerRef, Samples
+from ..samplestore import MemorySink
+from ..types import LayerRef
 from .base import ModelAdapter
 from .hf import resolve_checkpoint
 from .random_init import check_init
@@ -95,25 +96,31 @@ class DiffusersAdapter(ModelAdapter):
         """Pipeline output -> images (N, C, H, W) or videos (N, F, C, H, W), in [-1, 1], fp32 on CPU."""
         return (out.frames if self.modality == "video" else out.images).float().cpu() * 2 - 1
 
-    def _sample_batches(self, pipe, n: int, batch_size: int, seed: int, call, progress: bool,
-                        desc: str, steps: int | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, int]:
-        """Run ``call(start, stop, generators)`` over batches; sample k's noise comes from a generator seeded by
-        (seed, k), so results do not depend on the batch size. Also counts denoiser forwards (the real cost of a
-        protocol: CFG doubles it, and Turbo models may differ from the step count) and publishes each forward's
-        step and CFG halves to calibration collectors (``calib.publish_calls``)."""
-        chunks, calls = [], [0]
+    def _sample_batches(self, pipe, labels: list[int], batch_size: int, seed: int, call, progress: bool, desc: str,
+                        steps: int | None = None, shard: tuple[int, int] = (0, 1), sink=None) -> int:
+        """Run ``call(start, stop, generators)`` over this rank's batches and hand each batch to ``sink``
+        (``samplestore``: a store on disk, or memory); batches the sink already has are skipped (resume). Sample
+        k's noise comes from a generator seeded by (seed, k), so results do not depend on the batch size. Counts
+        denoiser forwards per batch (the real cost of a protocol: CFG doubles it, and Turbo models may differ
+        from the step count) and publishes each forward's step and CFG halves to calibration collectors
+        (``calib.publish_calls``). Returns the forwards of the batches sampled here."""
+        calls = [0]
         denoiser = self.denoiser(pipe)
         hook = denoiser.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        with hook, tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
-            idx = shard_range(n, shard)  # this rank's items (all of them without torchrun)
-            bar.total = len(idx)
+        idx = shard_range(len(labels), shard)  # this rank's items (all of them without torchrun)
+        with hook, tqdm(total=len(idx), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
             for start in range(idx.start, idx.stop, batch_size):
                 stop = min(idx.stop, start + batch_size)
+                if sink.has(start, stop):
+                    bar.update(stop - start)
+                    continue
+                before = calls[0]
                 gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
                 with publish_calls(denoiser, self.cfg_layout, rows=stop - start, n_steps=steps):
-                    chunks.append(self._output(call(start, stop, gens)))
+                    images = self._output(call(start, stop, gens))
+                sink.write(start, stop, images, labels[start:stop], forwards=calls[0] - before)
                 bar.update(stop - start)
-        return torch.cat(chunks), calls[0]
+        return calls[0]
 
     def check_protocol(self, protocol: dict, eval_name: str = "") -> None:
         super().check_protocol(protocol, eval_name)
@@ -125,21 +132,27 @@ class DiffusersAdapter(ModelAdapter):
 
     def generate(self, pipe, *, prompts: list[str] | str, n_per_prompt: int = 1, steps: int, guidance: float,
                  height: int, width: int, batch_size: int, seed: int, progress: bool = True,
-                 desc: str = "sampling", shard: tuple[int, int] = (0, 1), **extra: Any) -> Samples:
-        """``n_per_prompt`` images (or videos) for every prompt (``prompts``: a list or a prompt file)."""
+                 desc: str = "sampling", shard: tuple[int, int] = (0, 1), sink=None, **extra: Any):
+        """``n_per_prompt`` images (or videos) for every prompt (``prompts``: a list or a prompt file), written
+        batch by batch to ``sink`` (default: memory, returning :class:`Samples`; see ``samplestore``)."""
         prompts = load_prompts(prompts)
         items = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
+        sink = sink if sink is not None else MemorySink()
 
         def call(start, stop, gens):
             return pipe([p for _, p in items[start:stop]], num_inference_steps=steps, guidance_scale=guidance,
                         height=height, width=width, generator=gens, output_type="pt", **self._call_kwargs(pipe),
                         **extra)
 
-        images, forwards = self._sample_batches(pipe, len(items), batch_size, seed, call, progress, desc, steps, shard)
-        idx = shard_range(len(items), shard)
-        return Samples(images=images, labels=torch.tensor([i for i, _ in items[idx.start:idx.stop]]),
-                       meta={"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed,
-                             "denoiser_forwards": forwards})
+        self._sample_batches(pipe, [i for i, _ in items], batch_size, seed, call, progress, desc, steps, shard, sink)
+        return sink.finish({"prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed})
+
+    @property
+    def heavy(self) -> bool:  # tiny test pipelines are not
+        return not (self.tiny and not self.path)
+
+    def n_items(self, protocol: dict) -> int:
+        return len(load_prompts(protocol["prompts"])) * protocol.get("n_per_prompt", 1)
 
     def probe(self, pipe) -> None:
         """One denoising step on one prompt at a small resolution."""

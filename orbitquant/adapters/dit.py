@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import shard_range
 from ..registry import register_model
-from ..types import Samples
+from ..samplestore import MemorySink
 from .diffusers_base import DiffusersAdapter
 from .dit_roles import DIT_ROLES
 from .random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
@@ -69,19 +68,21 @@ class DiTAdapter(DiffusersAdapter):
 
     def generate(self, pipe, *, classes: list[int], n_per_class: int = 1, steps: int, guidance: float,
                  batch_size: int, seed: int, progress: bool = True, desc: str = "sampling",
-                 shard: tuple[int, int] = (0, 1), **_: object) -> Samples:
-        """``n_per_class`` images of every class id."""
+                 shard: tuple[int, int] = (0, 1), sink=None, **_: object):
+        """``n_per_class`` images of every class id, written batch by batch to ``sink`` (default: memory)."""
         labels = [c for c in classes for _ in range(n_per_class)]
+        sink = sink if sink is not None else MemorySink()
 
         def call(start, stop, gens):
             return pipe(class_labels=labels[start:stop], guidance_scale=guidance, generator=gens,
                         num_inference_steps=steps, output_type="pt")
 
-        images, forwards = self._sample_batches(pipe, len(labels), batch_size, seed, call, progress, desc, steps, shard)
-        idx = shard_range(len(labels), shard)
-        return Samples(images=images, labels=torch.tensor(labels[idx.start:idx.stop]),
-                       meta={"classes": classes, "steps": steps, "guidance": guidance, "seed": seed,
-                             "scheduler": type(pipe.scheduler).__name__, "denoiser_forwards": forwards})
+        self._sample_batches(pipe, labels, batch_size, seed, call, progress, desc, steps, shard, sink)
+        return sink.finish({"classes": classes, "steps": steps, "guidance": guidance, "seed": seed,
+                            "scheduler": type(pipe.scheduler).__name__})
+
+    def n_items(self, protocol: dict) -> int:
+        return len(protocol["classes"]) * protocol.get("n_per_class", 1)
 
     def probe(self, pipe) -> None:
         pipe(class_labels=[207, 360], guidance_scale=1.5, generator=[torch.Generator().manual_seed(1234)] * 2,
