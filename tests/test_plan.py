@@ -1,0 +1,296 @@
+"""The sweep planner (orbitquant/plan.py, scripts/plan.py): counts from the configs, CFG forwards checked against the
+real pipelines, tokens and FLOPs against the shipped configs and a published number, timing sources, the checklist."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from orbitquant import plan as P
+
+ROOT = Path(__file__).resolve().parent.parent
+LABEL = "projection (FLOPs at 40% of measured 679.4 TFLOP/s bf16 GEMM ceiling"
+
+
+def _yaml(path: str) -> dict:
+    return yaml.safe_load((ROOT / path).read_text())
+
+
+@pytest.fixture(scope="module")
+def digits_plan() -> P.Plan:
+    return P.make_plan(["experiment=digits"])
+
+
+# ---------------------------------------------------------------------------------------------- digits: exact counts
+def test_digits_run_count_follows_the_experiment_yaml(digits_plan):
+    sweep = _yaml("conf/experiment/digits.yaml")["hydra"]["sweeper"]["params"]
+    methods, bits, seeds = (sweep[k].split(",") for k in ("quant", "bits", "seed"))
+    assert len(digits_plan.jobs) == len(methods) * len(bits) * len(seeds)
+    # quant=fp ignores the bit widths: its jobs of every bit pair share one run directory per seed
+    assert "fp" in methods
+    assert len(digits_plan.runs) == (len(methods) - 1) * len(bits) * len(seeds) + len(seeds)
+    fp_jobs = [j for j in digits_plan.jobs if j.method == "fp"]
+    assert sum(j.duplicate_of is None for j in fp_jobs) == len(seeds)
+    assert {j.seed for j in digits_plan.runs} == {int(s) for s in seeds}
+    assert len(digits_plan.references) == len(seeds)  # one fp reference per seed, cached
+
+
+def test_digits_forwards_and_disk(digits_plan):
+    ev = _yaml("conf/eval/digits.yaml")["protocol"]
+    cal = _yaml("conf/calib/digits.yaml")["protocol"]
+    p = digits_plan.protocols[digits_plan.runs[0].eval_cost]
+    assert p.n_samples == 10 * ev["n_per_class"] == 500
+    # DigitsPipeline.velocity batches [cond; uncond] when guidance != 1: two rows per Euler step
+    assert ev["guidance"] != 1 and p.forwards_per_sample == ev["steps"] * 2 == 64
+    assert p.calls == math.ceil(500 / ev["batch_size"]) * ev["steps"]
+    assert p.store == "float32" and p.bytes_per_sample == 1 * 8 * 8 * 4 + 8  # 8x8 grey float32 + int64 label
+    calibrated = [j for j in digits_plan.runs if j.needs_calibration]
+    assert len(digits_plan.calibrations) == len(calibrated)  # method config incl. bits and quant_seed: one each
+    methods = {j.method for j in calibrated}
+    assert {"smoothquant", "qdit", "svdquant", "ptq4dit"} <= methods
+    assert not methods & {"fp", "rtn", "orbit", "hadamard_rtn"}
+    vq = {j.tag: j.needs_calibration for j in digits_plan.runs if j.method == "vidit_q"}
+    assert vq["w8a8"] is False and vq["w4a8"] is True  # plan=auto: W8A8 is the dynamic (calibration-free) plan
+    n_cal = 10 * cal["n_per_class"] * cal["steps"] * 2
+    t = digits_plan.totals()
+    stores = len(digits_plan.runs) + len(digits_plan.references)
+    assert t["forwards"] == stores * 500 * 64 + len(calibrated) * n_cal
+    assert t["disk_bytes"] == stores * 500 * 264
+    assert t["gpu_seconds"] > 0
+
+
+def test_digits_checklist_is_all_green(digits_plan):
+    assert digits_plan.checklist and all(c.ok for c in digits_plan.checklist), digits_plan.checklist
+
+
+# ---------------------------------------------------------------------------------------------- forwards per family
+TINY = {  # family -> (model config, pipeline kwargs, guidance with CFG, guidance without)
+    "dit": ("tiny_dit", {"class_labels": [1]}, 1.5, 1.0),
+    "wan": ("tiny_wan", {"prompt": ["a cat"], "num_frames": 5, "height": 16, "width": 16, "max_sequence_length": 16},
+            5.0, 1.0),
+    "cogvideox": ("tiny_cogvideox", {"prompt": ["a cat"], "num_frames": 9, "height": 16, "width": 16,
+                                     "max_sequence_length": 16}, 6.0, 1.0),
+    "zimage": ("tiny_zimage", {"prompt": ["a cat"], "height": 32, "width": 32, "max_sequence_length": 16}, 1.0, 0.0),
+    "flux": ("tiny_flux", {"prompt": ["a cat"], "height": 32, "width": 32, "max_sequence_length": 16}, 3.5, 0.0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_cfg_rule_matches_the_real_pipeline(family):
+    """The plan's rows and calls per step are what the diffusers pipeline really runs (counted on a tiny one)."""
+    from orbitquant.factory import build_adapter
+
+    name, kwargs, on, off = TINY[family]
+    pipe = build_adapter({"adapter": family, "name": name, "tiny": True}).build_tiny(0)
+    pipe.set_progress_bar_config(disable=True)
+    seen = {"rows": 0, "calls": 0}
+
+    def hook(_mod, args, kw):
+        x = args[0] if args else kw.get("hidden_states", kw.get("x"))
+        seen["rows"] += len(x) if isinstance(x, (list, tuple)) else x.shape[0]
+        seen["calls"] += 1
+
+    pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    for g in (on, off):
+        seen.update(rows=0, calls=0)
+        pipe(**kwargs, num_inference_steps=1, guidance_scale=g, generator=torch.Generator().manual_seed(0),
+             output_type="pt" if family == "dit" else "latent")
+        assert (seen["rows"], seen["calls"]) == P.forwards_per_step(family, g), (family, g, seen)
+
+
+def test_cfg_rules_agree_with_adapter_layouts():
+    from orbitquant.registry import MODELS
+
+    for family, rule in P.CFG_RULES.items():
+        layout = getattr(MODELS.get(family), "cfg_layout", None)
+        if rule.mode == "calls":
+            assert layout == "calls", family
+        elif rule.mode == "batch" and layout is not None:
+            assert layout in ("cond_first", "uncond_first"), family
+    assert P.forwards_per_step("flux", 3.5) == (1, 1)  # FLUX.1-dev: guidance-distilled
+    assert P.forwards_per_step("zimage", 0.0) == (1, 1)  # Turbo at guidance 0
+    assert P.forwards_per_step("wan", 5.0) == (2, 2)
+    with pytest.raises(P.PlanError, match="CFG_RULES"):
+        P.forwards_per_step("nosuch", 2.0)
+
+
+# ---------------------------------------------------------------------------------------------- tokens and FLOPs
+def test_wan21_tokens_from_its_shipped_config():
+    cfg = json.loads((ROOT / "orbitquant/assets/configs/wan21.json").read_text())
+    pt, ph, pw = cfg["patch_size"]
+    latent_frames, lh, lw = (81 - 1) // 4 + 1, 480 // 8, 832 // 8
+    assert (latent_frames, lh, lw) == (21, 60, 104)
+    geo = P.geometry("wan", "wan21", {"height": 480, "width": 832, "num_frames": 81}, 512)
+    assert geo.media_tokens == latent_frames * lh * lw // (pt * ph * pw) == 32760
+    assert geo.text_tokens == 512 and geo.sample_shape == (81, 3, 480, 832)
+
+
+def test_token_counts_of_the_other_families():
+    assert P.geometry("flux", "flux1_dev", {"height": 1024, "width": 1024}, 512).media_tokens == 64 * 64
+    assert P.geometry("zimage", "zimage_turbo", {"height": 1024, "width": 1024}, 512).media_tokens == 64 * 64
+    cog = P.geometry("cogvideox", "cogvideox_2b", {"height": 480, "width": 720, "num_frames": 49}, 226)
+    assert cog.media_tokens == 13 * 30 * 45
+    dit = P.geometry("dit", "dit_xl_2", {}, 0)
+    assert dit.media_tokens == 256 and dit.sample_shape == (3, 256, 256)
+    assert P.geometry("wan", "tiny_wan", {}, 0) is None  # no shipped config: not projected
+
+
+def test_dit_xl_2_flops_match_the_published_count():
+    """DiT-XL/2 at 256^2: 118.6 GFLOPs in the DiT paper (Peebles & Xie 2023, Table 4), counted as multiply-adds;
+    our 2 x MACs must land within 1 %."""
+    fl = P.forward_flops("dit", "dit_xl_2", P.geometry("dit", "dit_xl_2", {}, 0))
+    assert fl.total == pytest.approx(2 * 118.6e9, rel=0.01)
+
+
+def test_wan_flops_by_hand():
+    geo = P.geometry("wan", "wan21", {"height": 480, "width": 832, "num_frames": 81}, 512)
+    fl = P.forward_flops("wan", "wan21", geo)
+    d, ffn, layers, v, t = 1536, 8960, 30, 32760, 512
+    video = layers * (6 * d * d + 2 * d * ffn)  # self q/k/v/o, cross q/o, FFN up/down on video tokens
+    text = layers * 2 * d * d  # cross k/v on the text
+    assert fl.linear == pytest.approx(2 * (video * v + text * t), rel=1e-9)
+    assert fl.attention == pytest.approx(4 * layers * (v * v + v * t) * d, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- paper experiments
+@pytest.mark.parametrize("argv", [["experiment=wan21_vbench"], ["experiment=flux1_dev_geneval"],
+                                  ["experiment=dit_imagenet", "quant=fp,orbit", "seed=0"]])
+def test_paper_experiments_give_finite_labelled_projections(argv):
+    plan = P.make_plan(argv, check=False)
+    t = plan.totals()
+    assert t["runs"] > 0 and t["forwards"] > 0
+    assert math.isfinite(t["gpu_seconds"]) and t["gpu_seconds"] > 0 and t["disk_bytes"] > 0
+    for p in plan.protocols.values():
+        assert p.timing.kind == "projection" and p.timing.label.startswith(LABEL)
+        assert p.flops.total > 0 and p.geometry.tokens > 0
+    text = P.render(plan)
+    assert LABEL in text and "not counted" in text
+    json.dumps(P.to_json(plan))  # serialisable
+
+
+def test_wan21_vbench_sweep_shape():
+    plan = P.make_plan(["experiment=wan21_vbench"], check=False)
+    sweep = _yaml("conf/experiment/wan21_vbench.yaml")["hydra"]["sweeper"]["params"]
+    methods, bits, seeds = (sweep[k].split(",") for k in ("quant", "bits", "seed"))
+    assert len(plan.jobs) == len(methods) * len(bits) * len(seeds)
+    assert len(plan.runs) == (len(methods) - 1) * len(bits) * len(seeds) + len(seeds)
+    p = plan.protocols[plan.runs[0].eval_cost]
+    assert p.forwards_per_sample == 50 * 2  # CFG 5 on Wan: a second call per step
+    assert p.bytes_per_sample == 81 * 480 * 832 * 3 + 8  # uint8 video + label
+
+
+def test_command_line_overrides_win_over_the_sweep():
+    plan = P.make_plan(["experiment=wan21_vbench", "seed=0", "quant=orbit", "bits=w4a4"], check=False)
+    assert [(j.method, j.tag, j.seed) for j in plan.jobs] == [("orbit", "w4a4", 0)]
+    plan = P.make_plan(["model=wan21", "quant=orbit,rtn", "bits=w4a8"], check=False)
+    assert [(j.method, j.tag, j.eval) for j in plan.jobs] == [("orbit", "w4a8", "wan21_fidelity"),
+                                                              ("rtn", "w4a8", "wan21_fidelity")]
+
+
+def test_fast_path_equals_full_composition():
+    """Seeds set on a composed config give exactly what Hydra composes with the seed override."""
+    from hydra import compose, initialize_config_dir
+
+    jobs = P.expand_sweep({"quant": "orbit,qdit", "seed": "0,2"}, ["model=wan21"])
+    with initialize_config_dir(config_dir=str(P.CONF), version_base="1.3"):
+        comp = P._Composer(P.CONF)
+        for job in jobs:
+            fast, subdir = comp.compose(job, {"quant", "seed"})
+            full = compose(config_name="config", overrides=job, return_hydra_config=True)
+            assert fast == P.plain_config(full) and subdir == str(full.hydra.sweep.subdir)
+    assert len(jobs) == 4 and subdir.endswith("q2-s2")
+
+
+# ---------------------------------------------------------------------------------------------- timings
+def _timing(**kw) -> dict:
+    return {"schema": P.TIMING_SCHEMA, "model": "wan21", "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
+            "height": 480, "width": 832, "num_frames": 81, "method": "fp", "seconds_per_forward": 0.5, **kw}
+
+
+def test_a_measured_timing_file_replaces_the_projection(tmp_path):
+    (tmp_path / "wan21-dryrun.json").write_text(json.dumps({"timings": [_timing(vae_decode_seconds_per_sample=2.0)]}))
+    (tmp_path / "unrelated.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    plan = P.make_plan(["model=wan21", "eval=vbench_quick", "quant=orbit", "bits=w4a4"], bench_dir=tmp_path,
+                       check=False)
+    p = plan.protocols[plan.runs[0].eval_cost]
+    assert p.timing.kind == "measured" and "wan21-dryrun.json" in p.timing.label and "fp timing" in p.timing.label
+    assert p.gpu_seconds == pytest.approx(p.forwards * 0.5 + p.n_samples * 2.0)
+    # another geometry: no record, so the projection
+    plan = P.make_plan(["model=wan21", "eval=t2v_smoke", "quant=orbit"], bench_dir=tmp_path, check=False)
+    assert plan.protocols[plan.runs[0].eval_cost].timing.kind == "projection"
+
+
+def test_a_bad_timing_record_names_the_missing_field(tmp_path):
+    rec = _timing()
+    del rec["seconds_per_forward"]
+    (tmp_path / "x.json").write_text(json.dumps(rec))
+    with pytest.raises(P.PlanError, match="seconds_per_forward"):
+        P.load_timings(tmp_path)
+
+
+def test_ceiling_and_measured_quant_overhead_come_from_the_bench_file():
+    c = P.load_ceiling(P.DEFAULT_CEILING)
+    data = json.loads(P.DEFAULT_CEILING.read_text())
+    assert c.bf16_tflops == data["meta"]["ceilings"]["bf16_matmul_TFLOPs"]
+    lo, med, hi = c.quant_linear_ratio
+    assert 1 < lo <= med <= hi
+    assert P.load_ceiling(ROOT / "nonexistent.json") is None
+    plan = P.make_plan(["model=wan21", "eval=vbench_quick", "quant=orbit"], ceiling_file=None, check=False)
+    assert plan.totals()["gpu_seconds"] is None and any("not projected" in n for n in plan.notes)
+
+
+# ---------------------------------------------------------------------------------------------- checklist and CLI
+def test_missing_weights_are_a_failed_check_not_a_crash():
+    plan = P.make_plan(["experiment=wan21_vbench", "model.path=/nonexistent/wan", "quant=orbit", "bits=w4a4",
+                        "seed=0"])
+    weights = [c for c in plan.checklist if c.what.startswith("weights of model=wan21")]
+    assert len(weights) == 1 and not weights[0].ok and "/nonexistent/wan" in weights[0].reason
+    assert any(c.what.startswith("metrics vbench_") for c in plan.checklist)
+    assert "✗ weights of model=wan21" in P.render(plan)
+
+
+def test_random_init_needs_no_weights():
+    assert P._check_weights({"adapter": "wan", "name": "wan21", "init": "random"}).ok
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/plan.py"), *args], check=False, capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_cli_exits_0_with_failed_checks_and_2_on_bad_input():
+    p = _cli("experiment=wan21_vbench", "quant=orbit", "bits=w4a4", "seed=0", "model.path=/nonexistent", "--json")
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert data["totals"]["runs"] == 1 and any(not c["ok"] for c in data["checklist"])
+    bad = _cli("experiment=wan21_vbnch")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "did you mean experiment=wan21_vbench" in bad.stderr
+    assert "valid: digits" in bad.stderr
+
+
+def test_scale_doc_rows_are_current():
+    """docs/scale.md holds what scale_table computes now (one row checked here; regenerate with
+    `python scripts/plan.py --scale-doc > docs/scale.md`)."""
+    doc = (ROOT / "docs/scale.md").read_text()
+    plan = P.make_plan(["model=wan21", "eval=vbench", "quant=orbit"], check=False)
+    p = plan.protocols[plan.runs[0].eval_cost]
+    row = (f"| vbench | wan21 | {p.n_samples:,} | {p.steps} / {p.guidance:g} | {p.forwards_per_sample:,} | "
+           f"{p.forwards:,} |")
+    assert row in doc, "docs/scale.md is stale: python scripts/plan.py --scale-doc > docs/scale.md"
+    assert f" {P.fmt_sig(p.gpu_seconds / 3600)} " in doc.split(row, 1)[1].splitlines()[0]
+
+
+def test_expand_sweep_is_hydras_cartesian_product():
+    jobs = P.expand_sweep({"quant": "a,b", "seed": "0,1"}, ["seed=5", "bits=w4a8,w2a4"])
+    assert jobs == [list(x) for x in itertools.product(["quant=a", "quant=b"], ["seed=5"],
+                                                       ["bits=w4a8", "bits=w2a4"])]
