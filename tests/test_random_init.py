@@ -109,6 +109,13 @@ def test_scaled_build_runs_the_pipeline_end_to_end(name):
     assert x.shape[1:] == CALL[name][1] and torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_probe_runs_at_the_checkpoint_probe_size(name):
+    # the adapter's probe (quantization error probe) at its real-checkpoint resolution, on a scaled denoiser
+    adapter = _adapter(name)
+    adapter.probe(adapter.build_random(0, torch.float32, config=_small(name)))
+
+
 def test_bf16_build_keeps_the_checkpoints_fp32_modules_and_is_seeded():
     a = _adapter("wan21")
     p1 = a.build_random(3, torch.bfloat16, config=_small("wan21")).transformer
