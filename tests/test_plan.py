@@ -197,17 +197,43 @@ def test_command_line_overrides_win_over_the_sweep():
 
 
 def test_fast_path_equals_full_composition():
-    """Seeds set on a composed config give exactly what Hydra composes with the seed override."""
+    """Seeds set on a composed config, and group axes assembled from single-axis compositions, give exactly what
+    Hydra composes with all the job's overrides."""
     from hydra import compose, initialize_config_dir
 
-    jobs = P.expand_sweep({"quant": "orbit,qdit", "seed": "0,2"}, ["model=wan21"])
+    jobs = P.expand_sweep({"quant": "orbit,qdit,vidit_q", "bits": "w4a8,w8a8", "seed": "0,2"}, ["experiment=digits"])
     with initialize_config_dir(config_dir=str(P.CONF), version_base="1.3"):
         comp = P._Composer(P.CONF)
         for job in jobs:
-            fast, subdir = comp.compose(job, {"quant", "seed"})
+            fast, subdir = comp.compose(job, {"quant", "bits", "seed"})
             full = compose(config_name="config", overrides=job, return_hydra_config=True)
-            assert fast == P.plain_config(full) and subdir == str(full.hydra.sweep.subdir)
-    assert len(jobs) == 4 and subdir.endswith("q2-s2")
+            assert fast == P.plain_config(full), job
+            assert subdir == str(full.hydra.sweep.subdir)
+    assert len(jobs) == 12 and subdir.endswith("vidit_q/w8a8/digits/q2-s2")
+    # 1 base + 2 other quant options + 1 other bit pair composed by Hydra; the 2 mixed combinations assembled
+    assert (comp.composed, comp.assembled) == (4, 2)
+
+
+def test_axes_writing_the_same_key_are_composed_by_hydra(tmp_path):
+    """Group axes whose options write the same key depend on Hydra's merge order (here b1 masks a2's key in the
+    single-axis compositions, but a2 shows through with b2): they are composed, not assembled."""
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "config.yaml").write_text("defaults:\n  - a: a1\n  - b: b1\n  - _self_\n"
+                                          "hydra:\n  sweep:\n    subdir: ${name}\nname: x\n")
+    contents = {"a1": "other: 1\n", "a2": "shared: a2\n", "b1": "shared: b1\n", "b2": "more: 2\n"}
+    for opt, body in contents.items():
+        (tmp_path / opt[0]).mkdir(exist_ok=True)
+        (tmp_path / opt[0] / f"{opt}.yaml").write_text("# @package _global_\n" + body)
+    assert P._axis_writes(tmp_path, "a=a2", "a=a1") == {"shared", "other"}
+    assert P._overlap({("shared",)}, {("shared", "x")}) and not P._overlap({("a",)}, {("b",)})
+    jobs = P.expand_sweep({}, ["a=a1,a2", "b=b1,b2"])
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        comp = P._Composer(tmp_path)
+        for job in jobs:
+            fast, _ = comp.compose(job, {"a", "b"})
+            assert fast == P.plain_config(compose(config_name="config", overrides=job, return_hydra_config=True))
+    assert fast["shared"] == "a2" and (comp.composed, comp.assembled) == (4, 0)
 
 
 # ---------------------------------------------------------------------------------------------- timings
