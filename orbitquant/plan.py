@@ -420,6 +420,39 @@ def timing_for(model_name: str, protocol: dict, geo_shape: tuple[int, ...] | Non
                   f"bf16 GEMM ceiling, {ceiling.gpu}, {ceiling.source})")
 
 
+def timing_from_results(path: str | Path) -> dict:
+    """A forward-timing record (schema above) from a finished run's ``results.json`` -- e.g. a GPU dry run with
+    ``model.init=random`` at the protocol's resolution: the sample stage's seconds x ranks / the denoiser rows it
+    ran. That time also holds text encoding, VAE decode and the method's fake-quant overhead, so the record is an
+    upper bound per forward and says so. Raises ValueError naming what the file lacks."""
+    p = Path(path)
+    try:
+        r = json.loads(p.read_text())
+        c, timing, sampling = r["config"], r["timing"], r["sampling"]
+        proto, model = c["eval"]["protocol"], c["model"]
+        seconds = float(timing["sample"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: not a finished run's results.json with config, timing.sample and sampling ({e!r}); "
+                         "give results/runs/<model>/<method>/<tag>/<eval>/q<k>-s<k>/results.json") from None
+    adapter, name = model["adapter"], model.get("name", model["adapter"])
+    rows_per_step, _ = forwards_per_step(adapter, float(proto.get("guidance", 1.0)))
+    n, ranks = int(sampling.get("n", 0)), int(sampling.get("ranks", 1))
+    rows = n * int(proto["steps"]) * rows_per_step
+    if rows <= 0 or seconds <= 0:
+        raise ValueError(f"{p}: no sampling to time (n={n}, sample stage {seconds} s); was the sample stage resumed?")
+    h, w = proto.get("height"), proto.get("width")
+    if h is None:
+        geo = geometry(adapter, name, proto, 0) if shipped_config(name) is not None else None
+        h, w = (geo.sample_shape[-2], geo.sample_shape[-1]) if geo is not None else (None, None)
+    return {"schema": TIMING_SCHEMA, "model": name, "device": r.get("provenance", {}).get("device_name", "?"),
+            "dtype": c.get("dtype"), "height": h, "width": w, "num_frames": proto.get("num_frames"),
+            "method": c["quant"]["method"], "seconds_per_forward": seconds * ranks / rows,
+            "rows_per_call": int(proto.get("batch_size", 1)) * rows_per_step,
+            "source": (f"{_rel(p)}: sample stage {seconds:.1f} s x {ranks} rank(s) / {rows:,} denoiser rows "
+                       f"({n} samples x {proto['steps']} steps x {rows_per_step}); includes text encoding, VAE "
+                       "decode and fake-quant overhead: an upper bound per forward")}
+
+
 # ---------------------------------------------------------------------------------------------- protocols
 @dataclass
 class ProtocolCost:
@@ -1461,4 +1494,29 @@ def scale_doc(mfu: float = DEFAULT_MFU, ceiling_file: Path | None = DEFAULT_CEIL
         lines.append(f"- **Quantized runs**: {ceiling.quant_ratio_detail} (`{ceiling.source}`).")
     lines += ["", "Metric state per protocol:", ""]
     lines += [f"- {r['eval']} / {r['model']}: {r['metrics_detail']}" for r in rows]
+    found = load_timings(bench_dir)
+    example = {"schema": TIMING_SCHEMA, "model": "wan21", "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
+               "height": 480, "width": 832, "num_frames": 81, "method": "fp", "seconds_per_forward": 1.0,
+               "rows_per_call": 2, "vae_decode_seconds_per_sample": None,
+               "source": "an example of the fields, not a measurement: say how it was measured"}
+    lines += [
+        "", "## Replacing a projection with a measurement", "",
+        ("Any `results/bench/*.json` holding records of this schema (one object, a list, or `{\"timings\": [...]}`) "
+        "replaces the FLOP projection for its model and geometry (height, width, num_frames; `method` absent or `fp` "
+        "serves every method, a method's own record wins for that method). `seconds_per_forward` is GPU seconds per "
+        "denoiser row (call time / rows); `vae_decode_seconds_per_sample` is optional and then counted:"),
+        "", "```json", json.dumps(example, indent=1), "```", "",
+        ("One way to get a record on a GPU machine without the checkpoint: a dry run of the true-size denoiser with "
+        "random weights (`model.init=random`, `orbitquant/adapters/random_init.py`) at a protocol's resolution, then "
+        "convert its results.json (sample-stage seconds / denoiser rows: an upper bound, it includes text encoding "
+        "and VAE decode):"),
+        "", "```",
+        "python run.py model=wan21 ++model.init=random eval=wan21_fidelity quant=fp device=cuda",
+        ("python scripts/plan.py --timing-from results/runs/wan21/fp/fp/wan21_fidelity/q0-s0/results.json "
+        "> results/bench/wan21-dryrun.json"),
+        "```", "",
+        "Timing files found when this page was generated: "
+        + (", ".join(sorted({f"`{r['_file']}` ({r['model']})" for r in found})) if found else "none (every GPU-hour "
+           "number above is a projection)") + ".",
+    ]
     return "\n".join(lines) + "\n"

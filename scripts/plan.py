@@ -7,6 +7,8 @@ a checklist of what it needs (weights, metric references, evaluator environments
     python scripts/plan.py experiment=digits --json               # machine-readable
     python scripts/plan.py experiment=flux1_dev_geneval --markdown
     python scripts/plan.py --scale-doc > docs/scale.md            # regenerate docs/scale.md
+    python scripts/plan.py --timing-from results/runs/.../results.json > results/bench/wan21-dryrun.json
+                                                                  # a measured timing from a (dry) run
 
 Exit status 0 even when the checklist has failures (it is a plan); 2 for bad input (unknown option, a config that
 does not compose). Library: orbitquant/plan.py (formulas, assumptions, the timing-file schema).
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--json", action="store_true", help="print the plan as JSON")
     out.add_argument("--markdown", action="store_true", help="print the plan as GitHub markdown")
     out.add_argument("--scale-doc", action="store_true", help="print docs/scale.md (every paper protocol, one run)")
+    out.add_argument("--timing-from", type=Path, metavar="RESULTS_JSON",
+                     help="print a forward-timing record (for results/bench/) from a finished run's results.json")
     ap.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                     help=f"assumed fraction of the measured bf16 GEMM ceiling a forward sustains ({DEFAULT_MFU})")
     ap.add_argument("--ceiling", type=Path, default=DEFAULT_CEILING,
@@ -44,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the checklist (weights, metrics, prompt files)")
     args = ap.parse_args(argv)
     try:
+        if args.timing_from:
+            from orbitquant.plan import timing_from_results
+
+            print(json.dumps(timing_from_results(args.timing_from), indent=1))
+            return 0
         if args.scale_doc:
             if args.overrides:
                 ap.error("--scale-doc takes no overrides")
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         plan = make_plan(args.overrides, bench_dir=args.bench_dir, ceiling_file=args.ceiling, mfu=args.mfu,
                          check=not args.no_check)
-    except PlanError as e:
+    except (PlanError, ValueError) as e:
         print(str(e) if str(e).startswith("config error") else f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -255,6 +255,28 @@ def test_a_measured_timing_file_replaces_the_projection(tmp_path):
     assert plan.protocols[plan.runs[0].eval_cost].timing.kind == "projection"
 
 
+def test_timing_from_a_finished_run(tmp_path):
+    """A dry run's results.json becomes a timing record the planner then uses (sample stage / denoiser rows)."""
+    run = tmp_path / "results.json"
+    run.write_text(json.dumps({
+        "config": {"model": {"adapter": "dit", "name": "dit_xl_2"}, "dtype": "bfloat16", "quant": {"method": "fp"},
+                   "eval": {"protocol": {"classes": [1, 2], "n_per_class": 4, "steps": 50, "guidance": 1.5,
+                                         "batch_size": 8}}},
+        "timing": {"load": 3.0, "sample": 16.0}, "sampling": {"n": 8, "ranks": 2},
+        "provenance": {"device_name": "NVIDIA H100 80GB HBM3"}}))
+    rec = P.timing_from_results(run)
+    assert rec["seconds_per_forward"] == pytest.approx(16.0 * 2 / (8 * 50 * 2))  # CFG 1.5: two rows per step
+    assert (rec["height"], rec["width"], rec["num_frames"]) == (256, 256, None) and "upper bound" in rec["source"]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "dit-dryrun.json").write_text(json.dumps(rec))
+    plan = P.make_plan(["model=dit_xl_2", "quant=fp"], bench_dir=tmp_path / "bench", check=False)
+    t = plan.protocols[plan.runs[0].eval_cost].timing
+    assert t.kind == "measured" and t.seconds == rec["seconds_per_forward"]
+    with pytest.raises(ValueError, match=r"timing\.sample"):
+        (tmp_path / "bad.json").write_text("{}")
+        P.timing_from_results(tmp_path / "bad.json")
+
+
 def test_a_bad_timing_record_names_the_missing_field(tmp_path):
     rec = _timing()
     del rec["seconds_per_forward"]
