@@ -244,6 +244,21 @@ class StoreWriter:
         atomic_write_json(self.path / META_FILE, {k: v for k, v in meta.items() if k != "denoiser_forwards"})
 
 
+def cached_samples(path: str | Path, key: str, n: int, fmt: str, generate) -> tuple[SampleSet, bool]:
+    """The finished store at ``path`` if there is one, else ``generate(sink=writer)`` into it (resuming any
+    finished shards) -- one process, e.g. a script's fp reference. Returns ``(samples, was_cached)``."""
+    try:
+        return SampleSet.open(path, n), True
+    except StoreError:
+        pass
+    writer = StoreWriter(path, key, n, fmt)
+    try:
+        generate(sink=writer)
+    finally:
+        writer.close()
+    return SampleSet.open(path, n), False
+
+
 def check_owner(path: str | Path, key: str) -> None:
     """Raise :class:`StoreError` if ``path`` holds samples written under another key (checked before a run loads
     its model, so a mismatch costs a second, not a model load)."""

@@ -200,22 +200,24 @@ def _sample_into(run: Run, pipe, path: Path, key: str, desc: str, name: str,
     from . import distributed
 
     n = _n_items(run)
-    if run.world > 1 and run.rank > 0:
-        distributed.barrier()  # rank 0 prepares the store (checks key, removes broken shards) first
-    writer = StoreWriter(path, key, n, run.store_format, overwrite=overwrite and run.rank == 0,
-                         clean=run.rank == 0, lock=run.world == 1, name=name)
-    if run.world > 1 and run.rank == 0:
-        distributed.barrier()
     try:
-        resumed = len(writer.finished)
-        run.adapter.generate(pipe, **run.protocol, seed=run.c["seed"], progress=run.cfg.progress and run.rank == 0,
-                             desc=desc, shard=run.shard, sink=writer)
-    finally:
-        writer.close()
-    if resumed:
-        log.info("%s: resumed with %d finished shards in %s", desc, resumed, path)
-    distributed.barrier()
-    return SampleSet.open(path, n) if run.rank == 0 else None
+        if run.world > 1 and run.rank > 0:
+            distributed.barrier()  # rank 0 prepares the store (checks key, removes broken shards) first
+        writer = StoreWriter(path, key, n, run.store_format, overwrite=overwrite and run.rank == 0,
+                             clean=run.rank == 0, lock=run.world == 1, name=name)
+        if run.world > 1 and run.rank == 0:
+            distributed.barrier()
+        try:
+            if writer.finished:
+                log.info("%s: resuming with %d finished shards in %s", desc, len(writer.finished), path)
+            run.adapter.generate(pipe, **run.protocol, seed=run.c["seed"],
+                                 progress=run.cfg.progress and run.rank == 0, desc=desc, shard=run.shard, sink=writer)
+        finally:
+            writer.close()
+        distributed.barrier()
+        return SampleSet.open(path, n) if run.rank == 0 else None
+    except StoreError as e:  # another config's samples, a full disk: one line; finished shards stay on disk
+        sys.exit(f"error: {e}")
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -269,10 +271,7 @@ def quantize(run: Run, pipe) -> dict:
 def sample(run: Run, pipe) -> SampleSet | None:
     """The quantized model's samples, streamed into the run's store (None on ranks > 0)."""
     desc = f"{run.c['quant']['method']} {run.c['quant']['tag']}"
-    try:
-        return _sample_into(run, pipe, run.dir.samples_dir, run.hash, desc, "samples", overwrite=bool(run.cfg.overwrite))
-    except StoreError as e:
-        sys.exit(f"error: {e}")
+    return _sample_into(run, pipe, run.dir.samples_dir, run.hash, desc, "samples", overwrite=bool(run.cfg.overwrite))
 
 
 def score(run: Run, samples, reference) -> tuple[dict, dict]:

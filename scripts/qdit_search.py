@@ -50,12 +50,15 @@ def main(cfg: DictConfig) -> None:
     from orbitquant.api import layer_treatment, quantized
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
-    from orbitquant.generate import reference_key, reference_samples
+    from orbitquant.generate import reference_key
+    from orbitquant.samplestore import cached_samples
+    from orbitquant.stages import resolve_device
 
     c = OmegaConf.to_container(cfg, resolve=True)
     s = dict(c["search"])
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        c["device"] = device = resolve_device(str(cfg.device))
         adapter = build_adapter(c["model"])
         if c["quant"]["method"] != "qdit":
             raise ValueError(f"the search is for quant=qdit, got quant={c['quant']['method']}")
@@ -69,7 +72,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"config error: {e}")
     torch.set_num_threads(cfg.threads)
     try:
-        pipe = adapter.load(torch_dtype(cfg.dtype), cfg.device)
+        pipe = adapter.load(torch_dtype(cfg.dtype), device)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
 
@@ -77,12 +80,13 @@ def main(cfg: DictConfig) -> None:
     # calibration seeds (quant_seed + 10000): selecting groups on the samples later scored would be a leak
     fit_seed = cfg.seed + 20_000
 
-    def sample(desc: str):
-        return adapter.generate(pipe, **protocol, seed=fit_seed, progress=False, desc=desc)
+    def sample(desc: str, sink=None):  # candidates' samples stay in memory: a fitness protocol is small
+        return adapter.generate(pipe, **protocol, seed=fit_seed, progress=False, desc=desc, sink=sink)
 
-    key = reference_key(c["model"], {**protocol, "dtype": cfg.dtype, "device": cfg.device}, fit_seed,
+    key = reference_key(c["model"], {**protocol, "dtype": cfg.dtype, "device": device, "store": "float32"}, fit_seed,
                         adapter.fingerprint())
-    reference, _ = reference_samples(lambda: sample("fp reference"), Path(cfg.cache_dir) / "reference", key)
+    reference, _ = cached_samples(Path(cfg.cache_dir) / "reference" / key, key, adapter.n_items(protocol), "float32",
+                                  lambda sink: sample("fp reference", sink))
     denoiser = adapter.denoiser(pipe)
     probe_cfg = build_quant_config(base)
     targets = [r.fqn for r in adapter.layers(denoiser) if layer_treatment(r, probe_cfg) == "method"]

@@ -49,7 +49,7 @@ def test_sweep_status_lists_failures_and_exits_nonzero(tmp_path):
     assert "a/q0-s0" not in p.stdout
 
 
-def test_torchrun_shards_samples_across_two_gloo_ranks_and_matches_one_process(tmp_path):
+def test_torchrun_shards_samples_across_two_gloo_ranks_resumes_after_a_kill_and_matches_one_process(tmp_path):
     import os
 
     import torch
@@ -57,21 +57,29 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_and_matches_one_process(t
     from orbitquant.samplestore import SampleSet
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=2", "progress=false"]
+    common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=2",
+              "eval.protocol.batch_size=4", "progress=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "run.py"), f"results_dir={tmp_path}/tr", f"cache_dir={tmp_path}/cache_tr", *common]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    _run(common, tmp_path)  # the same run in one process
     a = tmp_path / "tr/digits/smoothquant/w4a8/smoke/q0-s0"
+    # both ranks are killed right after committing their 2nd shard of the quantized samples
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                       env={**env, "ORBITQUANT_KILL_AT": "samples:shard:2"})
+    assert p.returncode != 0 and not (a / "results.json").exists()
+    kept = {f.name: f.stat().st_mtime_ns for f in (a / "samples").glob("shard-*.json")}
+    assert len(kept) == 4  # ranks' items 0-9 and 10-19 in batches of 4: two shards each were finished
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {f.name: f.stat().st_mtime_ns for f in (a / "samples").glob("shard-*.json") if f.name in kept} == kept
+    _run(common, tmp_path)  # the same run in one process
     b = tmp_path / "runs/digits/smoothquant/w4a8/smoke/q0-s0"
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["sampling"]["ranks"] == 2 and rb["sampling"]["ranks"] == 1
-    # both ranks wrote their items into one store: 20 items, batches of 20 split at the rank boundary
-    assert ra["sampling"]["shards"] == 2 and rb["sampling"]["shards"] == 1
+    # both ranks wrote their items into one store: [0,4) [4,8) [8,10) and [10,14) [14,18) [18,20)
+    assert ra["sampling"]["shards"] == 6 and rb["sampling"]["shards"] == 5
     sa, sb = SampleSet.open(a / "samples"), SampleSet.open(b / "samples")
     assert torch.equal(sa.labels, sb.labels)
-    torch.testing.assert_close(_stored(a), _stored(b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_stored(a), _stored(b), atol=1e-5, rtol=0)  # batch composition moves the last bits
     for m in ra["metrics"]:
         assert abs(float(ra["metrics"][m]["value"]) - float(rb["metrics"][m]["value"])) < 1e-3, m
 
