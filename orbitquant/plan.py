@@ -503,28 +503,34 @@ class ProtocolCost:
 
 
 def count_samples(adapter_obj: Any, adapter: str, protocol: dict, eval_name: str) -> tuple[int, str]:
-    """Samples a protocol makes: the adapter's own count when it can make it (prompt file present), else the
-    documented nominal prompt count of the protocol (labelled)."""
+    """Samples a protocol makes: the adapter's ``n_items`` (what sizes its sample stores) when it can count them,
+    with the breakdown; for a prompt file that is not on this machine, the protocol's documented nominal prompt
+    count (labelled)."""
     from .data import load_prompts
 
     if "prompts" in protocol:
         per = int(protocol.get("n_per_prompt", 1))
         try:
             n = len(load_prompts(protocol["prompts"]))
-            src = "inline list" if not isinstance(protocol["prompts"], str) else f"prompt file {protocol['prompts']}"
-            return n * per, f"{n} prompts x {per} ({src})"
         except ValueError:
             if eval_name not in NOMINAL_PROMPTS:
                 raise PlanError(f"eval={eval_name}: prompt file {protocol['prompts']!r} not found and no nominal count "
                                 "known; create it or add the count to orbitquant.plan.NOMINAL_PROMPTS") from None
             n, where = NOMINAL_PROMPTS[eval_name]
             return n * per, f"{n} prompts x {per} (nominal: {where}; file {protocol['prompts']} not found here)"
-    if adapter == "digits":
+        src = "inline list" if not isinstance(protocol["prompts"], str) else f"prompt file {protocol['prompts']}"
+        own, how = n * per, f"{n} prompts x {per} ({src})"
+    elif adapter == "digits":
         per = int(protocol["n_per_class"])
-        return 10 * per, f"10 classes x {per}"
-    classes = list(protocol["classes"])
-    per = int(protocol.get("n_per_class", 1))
-    return len(classes) * per, f"{len(classes)} classes x {per}"
+        own, how = 10 * per, f"10 classes x {per}"
+    else:
+        classes, per = list(protocol["classes"]), int(protocol.get("n_per_class", 1))
+        own, how = len(classes) * per, f"{len(classes)} classes x {per}"
+    n_items = getattr(adapter_obj, "n_items", None)
+    if n_items is None:
+        return own, how
+    n = int(n_items(protocol))
+    return n, how if n == own else f"{n} (adapter.n_items; the protocol reads {how})"
 
 
 def protocol_cost(kind: str, name: str, protocol: dict, model_cfg: dict, store: str, method: str,
@@ -907,6 +913,8 @@ def _plain_node(cfg, key: str) -> Any:
 # ---------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Check:
+    """One checklist line: what a sweep needs, whether it is there, and the one-line reason (the fix when not)."""
+
     ok: bool
     what: str
     reason: str
@@ -914,6 +922,10 @@ class Check:
 
 @dataclass
 class Plan:
+    """A priced sweep: its jobs, the protocols they sample (keyed), the fp references and calibrations it builds
+    once, host-memory outlines, the ceiling used for projections, notes on what is and is not counted, and the
+    checklist."""
+
     argv: list[str]
     experiment: str | None
     device: str
