@@ -318,8 +318,8 @@ def forward_flops(adapter: str, model_name: str, geo: Geometry) -> Flops | None:
             params += fin * fout
     attn = _attention(adapter, cfg, stacks, m, t)
     return Flops(linear, attn, params, total_params,
-                 f"{params / 1e9:.3g} B block-linear weights over their streams; attention over "
-                 f"{'+'.join(f'{k} {v}' for k, v in stacks.items())} blocks")
+                 f"{params / 1e9:.3g} B block-linear weights over their streams; attention in "
+                 f"{' + '.join(f'{v} {k}' for k, v in stacks.items())}")
 
 
 # ---------------------------------------------------------------------------------------------- timing sources
@@ -1100,7 +1100,7 @@ def _notes(plan: Plan) -> list[str]:
                      "4 x Lq x Lkv x inner per attention layer; the fraction is an assumption, not a measurement")
         if c.quant_linear_ratio is not None:
             up = plan.quantized_upper()
-            tail = f"; with every quantized run's linears at the max ratio: {up / 3600:,.1f} GPU-h in all" if up else ""
+            tail = f"; with every quantized run's linears at the max ratio: {fmt_hours(up)} GPU-h in all" if up else ""
             notes.append("quantized runs simulate quantization (fake-quant) and are slower than bf16: measured "
                          f"{c.quant_ratio_detail} ({c.source}); the GPU-h above price them as bf16, a lower bound"
                          + tail)
