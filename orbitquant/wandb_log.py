@@ -92,14 +92,18 @@ def _num(v) -> float:
 
 
 def _log_samples(wandb, run, results: dict, run_dir: Path, max_images: int) -> None:
-    """A table of samples: images (first frames and animated GIFs for video models) with their labels."""
-    import numpy as np
+    """A table of the first samples: images (first frames and animated GIFs for video models) with their labels.
+    Reads only those samples from the run's sample store (or a legacy ``samples/samples.npz``)."""
+    from .metrics.base import head, open_samples
+    from .samplestore import StoreError
 
-    npz = run_dir / "samples" / "samples.npz"
-    if not npz.exists() or max_images <= 0:
+    if max_images <= 0:
         return
-    data = np.load(npz)
-    images, labels = data["images"][:max_images], data["labels"][:max_images]
+    try:
+        samples = open_samples(run_dir / "samples")
+    except (FileNotFoundError, StoreError):
+        return  # no samples on disk (or an unfinished store): the table is optional
+    images, labels = head(samples, max_images).numpy(), samples.labels[:max_images].tolist()
     prompts = results.get("sampling", {}).get("prompts")
     table = wandb.Table(columns=["index", "label", "prompt", "sample"])
     for i, (img, lab) in enumerate(zip(images, labels)):

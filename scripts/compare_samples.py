@@ -15,24 +15,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.generate import load_samples  # noqa: E402
-from orbitquant.viz import to_uint8  # noqa: E402
+from orbitquant.metrics.base import head, open_samples
+from orbitquant.viz import to_uint8
 
 
 def main() -> None:
     from PIL import Image, ImageDraw
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with samples/samples.npz)")
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with its sample store samples/, or a "
+                    "legacy samples/samples.npz)")
     ap.add_argument("--rows", type=int, default=3, help="rows of 10 samples per run")
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     panels, labels = [], []
     for run in args.runs:
-        s = load_samples(run / "samples" / "samples.npz")
-        imgs = to_uint8(s.images[: 10 * args.rows])  # (N, H, W, C)
-        n, h, w, c = imgs.shape
+        first = head(open_samples(run / "samples"), 10 * args.rows)  # reads only these samples from the store
+        imgs = to_uint8(first[:, 0] if first.ndim == 5 else first)  # (N, H, W, C); videos: first frames
+        _, h, w, c = imgs.shape
         grid = torch.from_numpy(imgs).view(args.rows, 10, h, w, c).permute(0, 2, 1, 3, 4).reshape(args.rows * h, 10 * w, c)
         panels.append(Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).resize(
             (10 * w * args.scale, args.rows * h * args.scale), Image.NEAREST))

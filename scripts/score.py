@@ -2,12 +2,15 @@
 
     python scripts/score.py results/runs/dit_xl_2/orbit/w4a8/imagenet/q0-s0
     python scripts/score.py RUN --metrics fid,isc --set fid.reference=/data/VIRTUAL_imagenet256_labeled.npz
-    python scripts/score.py RUN --metrics lpips_vs_fp --reference results/cache/reference/<key>.npz
+    python scripts/score.py RUN --metrics lpips_vs_fp --reference results/cache/reference/<key>
 
+Samples are read from the run's sample store (``RUN/samples/``: store.json + shards; a legacy
+``samples/samples.npz`` also works) a batch at a time, so memory does not grow with the sample count.
 Metrics default to the run's ``eval.metrics`` (with their options); ``--metrics`` picks a subset or adds new ones,
 ``--set name.option=value`` (YAML values) overrides options. Metrics that compare with the fp model read the cached
-fp reference samples (``<cache_dir>/reference/<key>.npz``, the key recomputed from the run's config) or ``--reference``.
-Features, VBench videos and GenEval images are cached next to ``samples/``, so a second re-score is cheap.
+fp reference samples (the store ``<cache_dir>/reference/<key>/``, the key recomputed from the run's config; a legacy
+``<key>.npz`` also works) or ``--reference`` (a store directory or .npz). Features, VBench videos and GenEval images
+are cached inside the sample store (``features/``, ``vbench/``, ``geneval/``), so a second re-score is cheap.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orbitquant.factory import build_adapter, build_metrics, metric_contexts, metric_specs
-from orbitquant.generate import load_samples, reference_key
+from orbitquant.generate import reference_key
+from orbitquant.metrics.base import SampleSource, open_samples
 from orbitquant.rundir import atomic_write_json
+from orbitquant.samplestore import StoreError
 
 
 def metric_plan(stored_spec, names: list[str] | None, sets: list[str]) -> list[tuple[str, dict]]:
@@ -45,6 +50,9 @@ def metric_plan(stored_spec, names: list[str] | None, sets: list[str]) -> list[t
 
 
 def fp_reference_path(run: Path, results: dict, explicit: Path | None) -> Path | None:
+    """The fp reference samples of the run: ``explicit``, else the sweep cache's store for the run's config
+    (``<cache_dir>/reference/<key>/``, keyed as ``stages.reference_store``), else a legacy ``<key>.npz`` from before
+    sample stores; None when the key cannot be computed here (the adapter does not build)."""
     if explicit is not None:
         return explicit
     c = results["config"]
@@ -52,18 +60,32 @@ def fp_reference_path(run: Path, results: dict, explicit: Path | None) -> Path |
         fingerprint = build_adapter(c["model"]).fingerprint()
     except Exception:  # noqa: BLE001 - no adapter here (missing optional deps): only --reference can help
         return None
-    key = reference_key(c["model"], {**c["eval"]["protocol"], "dtype": c["dtype"], "device": c["device"]}, c["seed"],
-                        fingerprint)
-    cache = Path(c.get("cache_dir", "results/cache"))
-    return cache / "reference" / f"{key}.npz"
+    cache = Path(c.get("cache_dir", "results/cache")) / "reference"
+    protocol = {**c["eval"]["protocol"], "dtype": c["dtype"], "device": c["device"]}
+    store = cache / reference_key(c["model"], {**protocol, "store": c["eval"].get("store", "float32")}, c["seed"],
+                                  fingerprint)
+    legacy = cache / f"{reference_key(c['model'], protocol, c['seed'], fingerprint)}.npz"
+    return legacy if not store.exists() and legacy.exists() else store
+
+
+def load_run_samples(path: Path, sampling: dict) -> SampleSource:
+    """A sample store (or legacy .npz) with the run's sampling metadata (prompts) filled in where the store's own
+    metadata lacks it."""
+    try:
+        samples = open_samples(path)
+    except (FileNotFoundError, StoreError) as e:
+        raise SystemExit(f"error: {e}") from None
+    samples.meta = {**sampling, **samples.meta}
+    return samples
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a run directory (results.json + samples/samples.npz)")
+    ap.add_argument("run", type=Path, help="a run directory (results.json + the sample store samples/)")
     ap.add_argument("--metrics", help="comma-separated metric names (default: the run's eval.metrics)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME.OPTION=VALUE", help="metric option override")
-    ap.add_argument("--reference", type=Path, help="the fp reference samples .npz (default: the run's cached one)")
+    ap.add_argument("--reference", type=Path, help="the fp reference samples: a store directory or .npz (default: "
+                    "the run's cached one)")
     ap.add_argument("--no-reference-metrics", action="store_true", help="do not re-score the fp reference itself")
     args = ap.parse_args(argv)
 
@@ -71,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if not results_path.exists():
         raise SystemExit(f"error: {results_path} not found (not a finished run directory)")
     results = json.loads(results_path.read_text())
-    samples = load_samples(args.run / "samples" / "samples.npz")
-    samples.meta = {**results.get("sampling", {}), "source": str(args.run / "samples" / "samples.npz")}
+    samples = load_run_samples(args.run / "samples", results.get("sampling", {}))
 
     plan = metric_plan(results["config"]["eval"]["metrics"], args.metrics.split(",") if args.metrics else None,
                        args.set)
@@ -85,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = None
     ref_path = fp_reference_path(args.run, results, args.reference)
     if ref_path is not None and ref_path.exists():
-        reference = load_samples(ref_path)
-        reference.meta = {**results.get("sampling", {}), "source": str(ref_path)}
+        reference = load_run_samples(ref_path, results.get("sampling", {}))
     elif any(m.needs_reference for m in metrics):
         raise SystemExit(f"error: the fp reference samples are needed but not found at {ref_path}; give --reference")
 

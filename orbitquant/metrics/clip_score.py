@@ -9,6 +9,9 @@ transform (SCALEOUT_STACK section 4). Install: ``pip install --no-deps clip-anyt
 Options: ``model`` (``ViT-B/32`` default, ``ViT-L/14``), ``weights`` (a local file: OpenAI's TorchScript archive or a
 state dict; default ``~/.cache/clip/<ViT-B-32.pt|ViT-L-14.pt>``, clip's own download location), ``batch_size``,
 ``device``, ``progress``. Tests pass ``clip_model=`` / ``tokenizer=`` objects instead.
+
+Samples are read ``batch_size`` images (video frames) at a time; CLIP sees the frames in consecutive groups of
+``batch_size`` as before streaming (``base.rebatch``), so the scores are the same.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import functools
 import importlib.util
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..registry import register_metric
-from ..types import MetricResult, Samples
-from .base import Metric
+from ..types import MetricResult
+from .base import Metric, SampleSource, cat_or_empty, item_batches, rebatch
 from .features import resolve_device, to_uint8
 from .inception import per_sample
 
@@ -151,36 +155,64 @@ class CLIPScore(Metric):
         return self._tokenizer if self._tokenizer is not None else ClipTokenizer()
 
     @torch.no_grad()
-    def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Per-image scores; ``images`` in [-1, 1] (N, C, H, W) or uint8, one prompt per image."""
-        from tqdm.auto import tqdm
-
+    def _score_batch(self, images_u8: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Scores of one batch of uint8 (B, 3, H, W) images against one prompt each."""
         dev = resolve_device(self.device)
         net = self.net.to(dev)
-        n_px = int(net.visual.input_resolution)
-        x = to_uint8(images)
-        out = []
-        for s in tqdm(range(0, len(x), self.batch_size), desc="CLIP score", disable=not self.progress, leave=False):
-            img = net.encode_image(preprocess(x[s:s + self.batch_size], n_px).to(dev)).float()
-            txt = net.encode_text(self.tokenizer(prompts[s:s + self.batch_size]).to(dev)).float()
-            img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-            out.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
-        return torch.cat(out)
+        img = net.encode_image(preprocess(images_u8, int(net.visual.input_resolution)).to(dev)).float()
+        txt = net.encode_text(self.tokenizer(prompts).to(dev)).float()
+        img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+        return (100 * (img * txt).sum(-1)).clamp(min=0).cpu()
 
-    def compute(self, samples: Samples, reference, ctx) -> MetricResult:
-        prompts = sample_prompts(samples)
-        imgs = samples.images
-        frames = imgs.shape[1] if imgs.ndim == 5 else 1
-        per_frame = self.scores(imgs, [p for p in prompts for _ in range(frames)])
-        per = per_frame.view(len(samples), frames).double().mean(1)
+    def _stream(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], prompts: list[str],
+                total: int | None) -> torch.Tensor:
+        """Per-image scores of ``(uint8 images, prompt index)`` chunks, regrouped into batches of ``batch_size``."""
+        from tqdm.auto import tqdm
+
+        out = []
+        with tqdm(total=total, desc="CLIP score", unit="img", disable=not self.progress, leave=False) as bar:
+            for x, idx in rebatch(chunks, self.batch_size):
+                out.append(self._score_batch(x, [prompts[int(i)] for i in idx]))
+                bar.update(len(x))
+        return cat_or_empty(out, "images")
+
+    def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per-image scores; ``images`` in [-1, 1] (N, C, H, W) or uint8, one prompt per image."""
+        x = to_uint8(images)
+        return self._stream([(x, torch.arange(len(x)))], prompts, len(x))
+
+    def compute(self, samples: SampleSource, reference, ctx) -> MetricResult:
+        prompts = _prompt_list(samples)
+        for i in samples.labels.unique().tolist():  # every label names a prompt: fail before reading images
+            _prompt(prompts, i)
+        n_frames = 1
+
+        def frames():
+            nonlocal n_frames
+            for x, labels in item_batches(samples, self.batch_size, uint8=True):
+                n_frames = x.shape[1] if x.ndim == 5 else 1
+                yield to_uint8(x), labels.repeat_interleave(n_frames)  # each frame is scored against its prompt
+
+        per = self._stream(frames(), prompts, None).view(len(samples), n_frames).double().mean(1)
         return self.result(per.mean(), len(samples), std=per.std().item() if len(per) > 1 else 0.0,
                            model=self.model, per_sample=per_sample(per))
 
 
-def sample_prompts(samples: Samples) -> list[str]:
-    """The prompt of every sample: ``meta['prompts'][label]`` (text-to-image/video adapters)."""
+def _prompt_list(samples: SampleSource) -> list[str]:
     prompts = samples.meta.get("prompts")
     if not prompts:
         raise ValueError("this metric needs the samples' prompts (samples.meta['prompts']); class-conditional "
                          "samples have none")
-    return [prompts[int(i)] for i in samples.labels]
+    return prompts
+
+
+def _prompt(prompts: list[str], label: int) -> str:
+    if not 0 <= label < len(prompts):
+        raise ValueError(f"sample label {label} names no prompt (samples.meta['prompts'] has {len(prompts)})")
+    return prompts[label]
+
+
+def sample_prompts(samples: SampleSource) -> list[str]:
+    """The prompt of every sample: ``meta['prompts'][label]`` (text-to-image/video adapters)."""
+    prompts = _prompt_list(samples)
+    return [_prompt(prompts, int(i)) for i in samples.labels]

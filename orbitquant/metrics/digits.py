@@ -3,20 +3,25 @@
 Fidelity to the fp model under shared noise (primary: they rank quantizers on a model this small):
 ``psnr_vs_fp`` and ``ssim_vs_fp`` (generic, in ``similarity.py``) and ``fid_vs_fp``. Realism checks: ``fid_vs_real`` (all 1797 digits),
 ``class_acc`` (the classifier agrees with the requested class), ``inception_score`` (its analogue on
-the classifier's softmax). torchmetrics does the arithmetic; the feature network is ours.
+the classifier's softmax). torchmetrics does the arithmetic, updated one batch at a time (``batch_size`` images;
+the default, ``base.READ_BYTES``, holds a whole digits protocol in one batch, so its numbers are bit-identical to
+scoring it at once -- smaller batches move them by float32 rounding, as the classifier's convolutions round
+differently per batch shape); the feature network is ours.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from ..registry import register_metric
 from ..types import MetricResult
-from .base import Metric
+from .base import Metric, SampleSource, item_batches, paired_batches
 from .digits_net import DigitFeatures, DigitLogits, load_classifier
-from .similarity import paired as _paired
 
 
 class DigitsContext:
@@ -33,7 +38,9 @@ class DigitsContext:
         return load_digits_tensor()[0]
 
 
-def _fid(ctx: DigitsContext, a: torch.Tensor, b: torch.Tensor) -> float:
+def _fid(ctx: DigitsContext, pairs: Iterable[tuple[torch.Tensor | None, torch.Tensor | None]]) -> float:
+    """FID between the ``real`` and ``fake`` images of ``(real, fake)`` batches (either may be None), on the
+    classifier's features: torchmetrics keeps float64 running sums of the features and their outer products."""
     from .features import prepare_torch_fidelity
 
     prepare_torch_fidelity()  # a torch-fidelity install without torchvision would break the import below
@@ -41,13 +48,21 @@ def _fid(ctx: DigitsContext, a: torch.Tensor, b: torch.Tensor) -> float:
 
     fid = FrechetInceptionDistance(feature=DigitFeatures(ctx.net))
     with torch.inference_mode(False), torch.no_grad():
-        fid.update(b, real=True)
-        fid.update(a, real=False)
+        for real, fake in pairs:
+            if real is not None:
+                fid.update(real, real=True)
+            if fake is not None:
+                fid.update(fake, real=False)
         return max(float(fid.compute()), 0.0)  # tiny negatives are sqrtm round-off
 
 
 class DigitsMetric(Metric):
+    """A digits-classifier metric; ``batch_size`` = images per classifier call (and per metric update)."""
+
     context_cls = DigitsContext
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size
 
     def check(self) -> None:
         from .digits_net import CLASSIFIER_PATH
@@ -55,6 +70,9 @@ class DigitsMetric(Metric):
         if not CLASSIFIER_PATH.exists():
             raise FileNotFoundError(f"metric {self.name}: digit classifier weights not found at {CLASSIFIER_PATH}; "
                                     "run `python scripts/train_digits.py` to recreate them")
+
+    def batches(self, samples: SampleSource) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return item_batches(samples, self.batch_size)
 
 
 @register_metric("fid_vs_fp")
@@ -64,8 +82,8 @@ class FIDvsFP(DigitsMetric):
     name, higher_is_better, needs_reference = "fid_vs_fp", False, True
 
     def compute(self, samples, reference, ctx) -> MetricResult:
-        a, b = _paired(samples, reference)
-        return self.result(_fid(ctx, a, b), len(a))
+        pairs = ((b, a) for a, b, _ in paired_batches(samples, reference, self.batch_size))
+        return self.result(_fid(ctx, pairs), len(samples))
 
 
 @register_metric("fid_vs_real")
@@ -75,7 +93,9 @@ class FIDvsReal(DigitsMetric):
     name, higher_is_better = "fid_vs_real", False
 
     def compute(self, samples, reference, ctx) -> MetricResult:
-        return self.result(_fid(ctx, samples.images.float(), ctx.real_images), len(samples), n_real=len(ctx.real_images))
+        real = ctx.real_images  # the digits data set itself: 1797 8x8 images, always in memory
+        pairs = itertools.chain([(real, None)], ((None, x) for x, _ in self.batches(samples)))
+        return self.result(_fid(ctx, pairs), len(samples), n_real=len(real))
 
 
 @register_metric("class_acc")
@@ -85,9 +105,13 @@ class ClassAccuracy(DigitsMetric):
     name, higher_is_better = "class_acc", True
 
     def compute(self, samples, reference, ctx) -> MetricResult:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        acc = MulticlassAccuracy(num_classes=ctx.net.head.out_features, average="micro")
         with torch.no_grad():
-            pred = ctx.net(samples.images.float()).argmax(1)
-        return self.result((pred == samples.labels).float().mean(), len(samples))
+            for x, labels in self.batches(samples):
+                acc.update(ctx.net(x), labels)
+        return self.result(acc.compute(), len(samples))
 
 
 @register_metric("inception_score")
@@ -99,9 +123,12 @@ class DigitsInceptionScore(DigitsMetric):
     def compute(self, samples, reference, ctx) -> MetricResult:
         from torchmetrics.image.inception import InceptionScore
 
-        metric = InceptionScore(feature=DigitLogits(ctx.net), splits=5)
+        with warnings.catch_warnings():  # it keeps every sample's 10 logits (per-sample values, not images)
+            warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer")
+            metric = InceptionScore(feature=DigitLogits(ctx.net), splits=5)
         with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)  # torchmetrics shuffles into splits with the global RNG; keep the metric deterministic
-            metric.update(samples.images.float())
+            for x, _ in self.batches(samples):
+                metric.update(x)
             mean, std = metric.compute()
         return self.result(mean, len(samples), split_std=float(std))

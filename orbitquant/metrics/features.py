@@ -1,6 +1,9 @@
 """Shared feature extraction for the image metrics: uint8 conversion, batched extraction on the run's device with a
-progress bar, an on-disk feature cache, reference sets (image folders, ADM ``.npz`` batches, sample files), and the
-InceptionV3 of torch-fidelity (the FID/IS/sFID/precision-recall backbone) with its weight lookup.
+progress bar, an on-disk feature cache, reference sets (image folders, ADM ``.npz`` batches, sample stores and
+files), and the InceptionV3 of torch-fidelity (the FID/IS/sFID/precision-recall backbone) with its weight lookup.
+
+Extraction streams: images are read one batch at a time (from a sample store, an image folder, or any iterable of
+batches) and only the features stay in memory.
 
 A feature extractor is any ``nn.Module`` with
 
@@ -20,11 +23,14 @@ import os
 import sys
 import tempfile
 import types
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .base import SampleSource, frames_per_item, items_per_read, rebatch
 
 #: the file torch-fidelity (and torchmetrics' FID/IS/KID) downloads: TF's 2015-12-05 Inception graph, converted
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -61,22 +67,32 @@ def _center_crop_resize(im, size: int | None):
     return im.resize((size, size), Image.BICUBIC) if s != size else im
 
 
-def load_image_folder(path: str | Path, size: int | None = None, limit: int | None = None) -> torch.Tensor:
-    """All images under ``path`` (sorted, recursive) as uint8 (N, 3, size, size): centre square crop, bicubic resize
-    (the usual COCO / MJHQ reference preparation). ``size=None`` keeps sizes (they must then all agree)."""
+def iter_image_folder(path: str | Path, size: int | None = None, limit: int | None = None,
+                      batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """The images under ``path`` (sorted, recursive) as uint8 (B, 3, size, size) batches: centre square crop,
+    bicubic resize (the usual COCO / MJHQ reference preparation). ``size=None`` keeps sizes (they must then all
+    agree). One batch of decoded images in memory at a time."""
     from PIL import Image
 
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-    arrs = []
-    for f in files:
-        with Image.open(f) as im:
-            arrs.append(np.asarray(_center_crop_resize(im, size), dtype=np.uint8))
-    shapes = {a.shape for a in arrs}
-    if len(shapes) > 1:
-        raise ValueError(f"images under {path} differ in size ({sorted(shapes)[:3]}...); give a resolution to resize to")
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    first = None
+    for start in range(0, len(files), batch_size):
+        arrs = []
+        for f in files[start:start + batch_size]:
+            with Image.open(f) as im:
+                arrs.append(np.asarray(_center_crop_resize(im, size), dtype=np.uint8))
+            first = first or (arrs[-1].shape, f)
+            if arrs[-1].shape != first[0]:
+                raise ValueError(f"images under {path} differ in size ({first[1].name}: {first[0]}, {f.name}: "
+                                 f"{arrs[-1].shape}); give a resolution to resize to")
+        yield torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_folder(path: str | Path, size: int | None = None, limit: int | None = None) -> torch.Tensor:
+    """All images of :func:`iter_image_folder` as one uint8 (N, 3, H, W) tensor (small folders only)."""
+    return torch.cat(list(iter_image_folder(path, size, limit)))
 
 
 def file_checksum(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -106,40 +122,59 @@ def default_cache_dir() -> Path | None:
 
 
 @torch.no_grad()
-def extract(images: torch.Tensor, extractor: nn.Module, *, batch_size: int = 64, device: str | None = "auto",
-            progress: bool = True, desc: str = "features", cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """``extractor``'s features of every image, float32 (N, D) on the CPU.
+def extract(images: torch.Tensor | SampleSource | Iterable[torch.Tensor], extractor: nn.Module, *,
+            batch_size: int = 64, device: str | None = "auto", progress: bool = True, desc: str = "features",
+            cache_dir: str | Path | None = None, key: str | None = None) -> dict[str, torch.Tensor]:
+    """``extractor``'s features of every image, float32 (M, D) on the CPU, in order (video frames flattened).
 
-    Images go through :func:`to_uint8` first. With ``cache_dir`` the features are stored there as
-    ``<extractor identity>-<sha256 of the uint8 images>.npz`` and reused on the next call (a re-score of a run, or
-    the fp reference shared by every run of a sweep).
+    ``images`` is a sample set (``Samples`` / ``SampleSet``: read ``batch_size`` frames at a time as uint8), an
+    iterable of image batches, or one tensor holding every image; batches go through :func:`to_uint8` and are
+    regrouped so the extractor always sees the same consecutive ``batch_size`` images (``base.rebatch``): features
+    do not depend on how the images were read. Only one batch of images is in memory at a time (besides a tensor
+    passed whole).
+
+    With ``cache_dir`` the features are stored there as ``<extractor identity>-<hash of identity and key>.npz`` and
+    reused on the next call (a re-score of a run, or the fp reference shared by every run of a sweep). ``key``
+    identifies the images: by default a sample set's ``fingerprint()`` or a tensor's checksum; an iterable of
+    batches is cached only under an explicit ``key``.
     """
     from tqdm.auto import tqdm
 
-    x = to_uint8(images)
+    total: int | None = None
+    if isinstance(images, torch.Tensor):
+        whole = to_uint8(images)
+        key, total, chunks = key or tensor_checksum(whole), len(whole), iter([whole])
+    elif isinstance(images, SampleSource):
+        n_frames = frames_per_item(images)
+        key, total = key or images.fingerprint(), len(images) * n_frames
+        chunks = (x for x, _ in images.batches(max(1, batch_size // n_frames), uint8=True))
+    else:
+        chunks = iter(images)
     path = None
-    if cache_dir is not None:
-        key = hashlib.sha256(f"{extractor.identity}|{tensor_checksum(x)}".encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"{_safe(extractor.identity)}-{key}.npz"
+    if cache_dir is not None and key is not None:
+        digest = hashlib.sha256(f"{extractor.identity}|{key}".encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"{_safe(extractor.identity)}-{digest}.npz"
         if path.exists():
             try:
                 with np.load(path) as data:
                     cached = {k: torch.from_numpy(data[k]) for k in extractor.outputs}
-                if all(len(v) == len(x) for v in cached.values()):
+                if len({len(v) for v in cached.values()}) == 1 and total in (None, len(next(iter(cached.values())))):
                     return cached
             except (OSError, KeyError, ValueError):
                 pass  # unreadable or stale: recompute and overwrite
     dev = resolve_device(device)
     extractor = extractor.to(dev).eval()
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in extractor.outputs}
-    with torch.inference_mode(False), tqdm(total=len(x), desc=desc, unit="img", disable=not progress,
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in extractor.outputs}
+    with torch.inference_mode(False), tqdm(total=total, desc=desc, unit="img", disable=not progress,
                                            leave=False) as bar:
-        for start in range(0, len(x), batch_size):
-            out = extractor(x[start:start + batch_size].to(dev))
+        for (x,) in rebatch(((to_uint8(c),) for c in chunks), batch_size):
+            out = extractor(x.to(dev))
             for k in extractor.outputs:
-                chunks[k].append(out[k].detach().float().flatten(1).cpu())
-            bar.update(min(batch_size, len(x) - start))
-    feats = {k: torch.cat(v) for k, v in chunks.items()}
+                parts[k].append(out[k].detach().float().flatten(1).cpu())
+            bar.update(len(x))
+    if not parts[extractor.outputs[0]]:
+        raise ValueError(f"{desc}: no images to extract features from")
+    feats = {k: torch.cat(v) for k, v in parts.items()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
@@ -157,21 +192,26 @@ def _safe(s: str) -> str:
 class RealSet:
     """A reference set: images (uint8, for features) and/or precomputed Fréchet statistics.
 
-    Sources: a folder of images; an ``.npz`` -- the ADM reference batch (``arr_0`` uint8 NHWC images, ``mu``/``sigma``
-    pool-3 and ``mu_s``/``sigma_s`` spatial statistics, e.g. ``VIRTUAL_imagenet256_labeled.npz``), a stats-only file
-    (``mu``/``sigma``), or a harness ``samples.npz`` (``images`` in [-1, 1]).
+    Sources: a folder of images; a sample store directory (``store.json`` + shards, e.g. another run's
+    ``samples/``); an ``.npz`` -- the ADM reference batch (``arr_0`` uint8 NHWC images, ``mu``/``sigma`` pool-3 and
+    ``mu_s``/``sigma_s`` spatial statistics, e.g. ``VIRTUAL_imagenet256_labeled.npz``), a stats-only file
+    (``mu``/``sigma``), or a legacy harness ``samples.npz`` (``images`` in [-1, 1]). Folders and stores are read a
+    batch at a time; an ``.npz`` is loaded whole (numpy cannot read part of a compressed array).
     """
 
     def __init__(self, path: str | Path, size: int | None = None, limit: int | None = None) -> None:
         self.path, self.size, self.limit = Path(path), size, limit
-        self._images: torch.Tensor | None = None
         self.stats: dict[str, np.ndarray] = {}
+        self._store = None
+        self.is_store = False
         if self.path.suffix == ".npz":
             with np.load(self.path) as data:
                 self.stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data.files}
                 self._has_images = "arr_0" in data.files or "images" in data.files
-
         else:
+            from ..samplestore import STORE_FILE
+
+            self.is_store = (self.path / STORE_FILE).is_file()
             self._has_images = True
 
     def check(self) -> None:
@@ -183,21 +223,41 @@ class RealSet:
         return self._has_images
 
     @property
+    def store(self):
+        """The reference as a ``samplestore.SampleSet`` (a store directory only)."""
+        if self._store is None:
+            from ..samplestore import SampleSet
+
+            self._store = SampleSet.open(self.path)
+        return self._store
+
+    def batches(self, batch_size: int = 64) -> Iterator[torch.Tensor]:
+        """The reference images as uint8 (B, 3, H, W) batches (video frames flattened), at most ``limit`` items."""
+        if self.path.suffix == ".npz":
+            yield from self._npz_images().split(batch_size)
+        elif self.is_store:
+            left = len(self.store) if self.limit is None else self.limit
+            for x, _ in self.store.batches(items_per_read(self.store, batch_size), uint8=True):
+                if left <= 0:
+                    break
+                yield to_uint8(x[:left])
+                left -= len(x)
+        else:
+            yield from iter_image_folder(self.path, self.size, self.limit, batch_size)
+
+    def _npz_images(self) -> torch.Tensor:
+        with np.load(self.path) as data:
+            if "arr_0" in data.files:  # ADM: uint8 (N, H, W, 3)
+                return torch.from_numpy(data["arr_0"][: self.limit]).permute(0, 3, 1, 2).contiguous()
+            if "images" in data.files:  # a legacy harness samples.npz
+                return to_uint8(torch.from_numpy(data["images"][: self.limit]))
+        raise ValueError(f"{self.path} holds statistics only ({', '.join(self.stats)}), no images (arr_0); "
+                         "precision/recall need the reference images")
+
+    @property
     def images(self) -> torch.Tensor:
-        if self._images is None:
-            if self.path.suffix == ".npz":
-                with np.load(self.path) as data:
-                    if "arr_0" in data.files:  # ADM: uint8 (N, H, W, 3)
-                        arr = torch.from_numpy(data["arr_0"][: self.limit]).permute(0, 3, 1, 2).contiguous()
-                    elif "images" in data.files:  # a harness samples.npz
-                        arr = to_uint8(torch.from_numpy(data["images"][: self.limit]))
-                    else:
-                        raise ValueError(f"{self.path} holds statistics only ({', '.join(self.stats)}), no images "
-                                         "(arr_0); precision/recall need the reference images")
-            else:
-                arr = load_image_folder(self.path, self.size, self.limit)
-            self._images = arr
-        return self._images
+        """Every reference image at once (small sets, tests); metrics read :meth:`batches`."""
+        return torch.cat(list(self.batches()))
 
 
 # ---------------------------------------------------------------------------------------------- InceptionV3

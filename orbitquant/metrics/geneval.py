@@ -21,10 +21,10 @@ import subprocess
 from pathlib import Path
 
 from ..registry import register_metric
-from ..types import MetricResult, Samples
-from .base import Metric
+from ..types import MetricResult
+from .base import Metric, SampleSource, work_dir
 from .clip_score import sample_prompts
-from .features import tensor_checksum, to_uint8
+from .features import to_uint8
 from .inception import default_feature_cache
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -35,16 +35,17 @@ def load_metadata(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_geneval(samples: Samples, out_dir: str | Path, metadata: list[dict]) -> dict[str, int]:
-    """Write the samples in GenEval's layout; returns (and saves) image path relative to ``out_dir`` -> sample index.
-    Each sample's prompt is matched to its metadata line by text (GenEval's generation prompts are the metadata's
-    ``prompt`` fields, in order)."""
+def write_geneval(samples: SampleSource, out_dir: str | Path, metadata: list[dict],
+                  batch_size: int = 64) -> dict[str, int]:
+    """Write the samples in GenEval's layout, ``batch_size`` images at a time; returns (and saves) image path
+    relative to ``out_dir`` -> sample index. Each sample's prompt is matched to its metadata line by text (GenEval's
+    generation prompts are the metadata's ``prompt`` fields, in order); every prompt is checked before any file is
+    written."""
     from PIL import Image
 
     by_prompt = {m["prompt"]: (i, m) for i, m in enumerate(metadata)}
     out = Path(out_dir)
-    index, seen = {}, {}
-    images = to_uint8(samples.images).permute(0, 2, 3, 1).numpy()
+    index, seen, plan = {}, {}, []
     for k, prompt in enumerate(sample_prompts(samples)):
         if prompt not in by_prompt:
             raise ValueError(f"prompt {prompt!r} is not in GenEval's evaluation metadata; the geneval protocol must "
@@ -52,11 +53,17 @@ def write_geneval(samples: Samples, out_dir: str | Path, metadata: list[dict]) -
         p, meta = by_prompt[prompt]
         j = seen[p] = seen.get(p, -1) + 1
         folder = out / f"{p:05d}"
-        (folder / "samples").mkdir(parents=True, exist_ok=True)
-        (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        if j == 0:
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
         rel = f"{p:05d}/samples/{j:04d}.png"
-        Image.fromarray(images[k]).save(out / rel)
+        plan.append(rel)
         index[rel] = k
+    k = 0
+    for x, _ in samples.batches(batch_size, uint8=True):
+        for img in to_uint8(x).permute(0, 2, 3, 1).numpy():
+            Image.fromarray(img).save(out / plan[k])
+            k += 1
     (out / INDEX_FILE).write_text(json.dumps(index, indent=0))
     return index
 
@@ -100,8 +107,8 @@ class GenEvalContext:
     def __init__(self) -> None:
         self._runs: dict[tuple, dict] = {}
 
-    def results(self, metric: GenEvalMetric, samples: Samples) -> dict[str, dict]:
-        key = (id(samples.images), tuple(samples.images.shape))
+    def results(self, metric: GenEvalMetric, samples: SampleSource) -> dict[str, dict]:
+        key = samples.fingerprint()  # one evaluator run per sample set, shared by the seven GenEval metrics
         if key not in self._runs:
             self._runs[key] = metric.evaluate(samples)
         return self._runs[key]
@@ -140,14 +147,12 @@ class GenEvalMetric(Metric):
             if not f.is_file():
                 raise FileNotFoundError(f"metric {self.name}: {f} not found (is {self.geneval_dir} a GenEval checkout?)")
 
-    def folder(self, samples: Samples) -> Path:
+    def folder(self, samples: SampleSource) -> Path:
         if self.work_dir:
             return Path(self.work_dir)
-        if samples.meta.get("source"):
-            return Path(samples.meta["source"]).parent / "geneval"
-        return default_feature_cache().parent / "geneval" / tensor_checksum(to_uint8(samples.images))[:16]
+        return work_dir(samples, "geneval") or default_feature_cache().parent / "geneval" / samples.fingerprint()[:16]
 
-    def evaluate(self, samples: Samples) -> dict[str, dict]:
+    def evaluate(self, samples: SampleSource) -> dict[str, dict]:
         work = self.folder(samples)
         result = work / "results.jsonl"
         index_path = work / "images" / INDEX_FILE
@@ -164,7 +169,7 @@ class GenEvalMetric(Metric):
                                    f"{(p.stderr or p.stdout)[-3000:]}")
         return parse_results(result, index, len(samples))
 
-    def compute(self, samples: Samples, reference, ctx: GenEvalContext) -> MetricResult:
+    def compute(self, samples: SampleSource, reference, ctx: GenEvalContext) -> MetricResult:
         res = ctx.results(self, samples)
         if self.tag not in res:
             raise RuntimeError(f"GenEval results have no {self.tag!r} images (have {', '.join(res)})")

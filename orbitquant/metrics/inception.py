@@ -5,13 +5,15 @@ Options (``eval.metrics`` entries, e.g. ``{fid: {reference: /data/VIRTUAL_imagen
 
 ``reference``
     what the samples are compared with: a folder of images (centre-cropped and resized to ``resolution``), an ``.npz``
-    (ADM reference batch: ``arr_0`` images + ``mu``/``sigma``/``mu_s``/``sigma_s``; or statistics only), a harness
-    ``samples.npz``, or ``fp`` (the fp model's samples under the same noise).
+    (ADM reference batch: ``arr_0`` images + ``mu``/``sigma``/``mu_s``/``sigma_s``; or statistics only), a sample store
+    directory (another run's ``samples/``) or legacy harness ``samples.npz``, or ``fp`` (the fp model's samples
+    under the same noise).
 ``inception_weights``
     torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``; default ``$ORBITQUANT_INCEPTION_WEIGHTS``, then
     ``$TORCH_HOME/hub/checkpoints/``.
-``batch_size``, ``device`` (``auto`` = cuda if available), ``progress``, ``cache_dir`` (feature cache; default: the
-samples' folder when they were loaded from disk, ``$ORBITQUANT_FEATURE_CACHE``, else ``~/.cache/orbitquant/features``),
+``batch_size`` (images per Inception call, and per read), ``device`` (``auto`` = cuda if available), ``progress``,
+``cache_dir`` (feature cache; default: ``features/`` in the sample store when the samples are on disk,
+``$ORBITQUANT_FEATURE_CACHE``, else ``~/.cache/orbitquant/features``),
 ``resolution`` (reference folder images), ``limit`` (use the first N reference images), ``k`` (precision/recall,
 default 3), ``split_size`` (Inception Score, default 5000 as ADM).
 """
@@ -27,9 +29,9 @@ import numpy as np
 import torch
 
 from ..registry import register_metric
-from ..types import MetricResult, Samples
+from ..types import MetricResult
 from . import stats
-from .base import Metric
+from .base import Metric, SampleSource, work_dir
 from .features import (
     InceptionV3,
     RealSet,
@@ -74,17 +76,15 @@ class FeatureContext:
             self._reals[key] = RealSet(metric.reference, metric.resolution, metric.limit)
         return self._reals[key]
 
-    def sample_features(self, metric: InceptionMetric, samples: Samples, desc: str) -> dict[str, torch.Tensor]:
+    def sample_features(self, metric: InceptionMetric, samples: SampleSource, desc: str) -> dict[str, torch.Tensor]:
+        """Features of a sample set, computed once per (network, sample values) -- shared by FID, sFID, IS and
+        precision/recall -- and cached on disk under the set's fingerprint."""
         net = self.extractor(metric)
-        x = samples.images
-        key = (net.identity, id(x), x.data_ptr(), tuple(x.shape), x._version)
+        key = (net.identity, samples.fingerprint())
         if key not in self._features:
-            cache = metric.cache_dir
-            if cache is None and samples.meta.get("source"):
-                cache = Path(samples.meta["source"]).parent / "features"
-            self._features[key] = extract(x, net, batch_size=metric.batch_size, device=metric.device,
-                                          progress=metric.progress, desc=desc,
-                                          cache_dir=cache if cache is not None else default_feature_cache())
+            cache = metric.cache_dir or work_dir(samples, "features") or default_feature_cache()
+            self._features[key] = extract(samples, net, batch_size=metric.batch_size, device=metric.device,
+                                          progress=metric.progress, desc=desc, cache_dir=cache, key=key[1])
         return self._features[key]
 
     def real_features(self, metric: InceptionMetric, real: RealSet) -> dict[str, torch.Tensor]:
@@ -100,8 +100,9 @@ class FeatureContext:
                     if all(k in data.files for k in net.outputs):
                         feats = {k: torch.from_numpy(data[k]) for k in net.outputs}
             if feats is None:
-                feats = extract(real.images, net, batch_size=metric.batch_size, device=metric.device,
-                                progress=metric.progress, desc=f"reference features ({real.path.name})")
+                feats = extract(real.batches(metric.batch_size), net, batch_size=metric.batch_size,
+                                device=metric.device, progress=metric.progress,
+                                desc=f"reference features ({real.path.name})")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
                 np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
@@ -109,7 +110,7 @@ class FeatureContext:
             self._features[key] = feats
         return self._features[key]
 
-    def precision_recall(self, metric: InceptionMetric, samples: Samples, reference: Samples | None):
+    def precision_recall(self, metric: InceptionMetric, samples: SampleSource, reference: SampleSource | None):
         fake = self.sample_features(metric, samples, "Inception features")["pool3"]
         real = metric.real_pool3(self, reference)
         key = (id(fake), id(real), metric.k)
@@ -120,7 +121,9 @@ class FeatureContext:
 
 def _reference_id(real: RealSet) -> str:
     h = hashlib.sha256(f"{real.size}|{real.limit}".encode())
-    if real.path.is_file():
+    if real.is_store:  # its shards' checksums (the folder also holds derived files: features, previews)
+        h.update(real.store.fingerprint().encode())
+    elif real.path.is_file():
         from .features import file_checksum
 
         h.update(file_checksum(real.path).encode())
@@ -164,17 +167,17 @@ class InceptionMetric(Metric):
                 raise FileNotFoundError(f"metric {self.name}: reference {self.reference} not found")
 
     # -- helpers
-    def real_pool3(self, ctx: FeatureContext, reference: Samples | None) -> torch.Tensor:
+    def real_pool3(self, ctx: FeatureContext, reference: SampleSource | None) -> torch.Tensor:
         return self.real_feats(ctx, reference, "pool3")
 
-    def real_feats(self, ctx: FeatureContext, reference: Samples | None, feature: str) -> torch.Tensor:
+    def real_feats(self, ctx: FeatureContext, reference: SampleSource | None, feature: str) -> torch.Tensor:
         if self.reference == "fp":
             if reference is None:
                 raise ValueError(f"metric {self.name} with reference=fp needs the fp samples")
             return ctx.sample_features(self, reference, "Inception features (fp)")[feature]
         return ctx.real_features(self, ctx.real(self))[feature]
 
-    def n_real(self, ctx: FeatureContext, reference: Samples | None) -> int | None:
+    def n_real(self, ctx: FeatureContext, reference: SampleSource | None) -> int | None:
         if self.reference == "fp":
             return len(reference) if reference is not None else None
         real = ctx.real(self)

@@ -8,6 +8,9 @@ no torchvision needed, the same numbers.
 
 Options: ``net`` (``alex`` default, as SVDQuant; or ``vgg``), ``backbone_weights``, ``batch_size``, ``device``,
 ``progress``. Videos are scored per frame and averaged per sample.
+
+The samples and the fp reference are read in step, one batch of each at a time; the network sees the frames in
+consecutive groups of ``batch_size`` as before streaming (``base.rebatch``), so the values are the same.
 """
 
 from __future__ import annotations
@@ -21,10 +24,9 @@ from torch import nn
 
 from ..registry import register_metric
 from ..types import MetricResult
-from .base import Metric
+from .base import Metric, cat_or_empty, frames, paired_batches, rebatch
 from .features import resolve_device
 from .inception import per_sample
-from .similarity import paired
 
 BACKBONES = {  # torchmetrics' net name -> (torchvision model, checkpoint file)
     "alex": ("alexnet", "alexnet-owt-7be5be79.pth"),
@@ -122,17 +124,25 @@ class LPIPSvsFP(Metric):
     def compute(self, samples, reference, ctx) -> MetricResult:
         from tqdm.auto import tqdm
 
-        a, b = paired(samples, reference)
-        frames = a.shape[1] if a.ndim == 5 else 1
-        a, b = (x.flatten(0, 1) if x.ndim == 5 else x for x in (a, b))
-        if a.shape[1] == 1:
-            a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         dev = resolve_device(self.device)
         net = self.net.to(dev)
+        n_frames = 1
+        bar = tqdm(total=len(samples), desc="LPIPS", unit="img", disable=not self.progress, leave=False)
+
+        def frame_pairs():
+            nonlocal n_frames
+            for a, b, _ in paired_batches(samples, reference, self.batch_size):
+                n_frames = a.shape[1] if a.ndim == 5 else 1
+                bar.total = len(samples) * n_frames  # known once the first batch is read
+                yield frames(a), frames(b)
+
         out = []
-        for s in tqdm(range(0, len(a), self.batch_size), desc="LPIPS", disable=not self.progress, leave=False):
-            x, y = (t[s:s + self.batch_size].to(dev).clamp(-1, 1) for t in (a, b))
-            out.append(net(x, y).flatten().double().cpu())
-        per = torch.cat(out).view(-1, frames).mean(1)
+        with bar:
+            for x, y in rebatch(frame_pairs(), self.batch_size):
+                if x.shape[1] == 1:  # grey: the backbone takes RGB
+                    x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+                out.append(net(x.to(dev).clamp(-1, 1), y.to(dev).clamp(-1, 1)).flatten().double().cpu())
+                bar.update(len(x))
+        per = cat_or_empty(out, "samples").view(-1, n_frames).mean(1)
         return self.result(per.mean(), len(per), std=per.std().item() if len(per) > 1 else 0.0, net=self.net_name,
                            per_sample=per_sample(per))

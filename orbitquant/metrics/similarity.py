@@ -1,22 +1,19 @@
-"""Fidelity to the fp model under shared noise, for any image samples in [-1, 1]: PSNR and SSIM."""
+"""Fidelity to the fp model under shared noise, for any image samples in [-1, 1]: PSNR and SSIM.
+
+Both read the samples and the fp reference in step, one batch of each at a time (``base.paired_batches``); the
+per-sample values do not depend on the batch (each is a function of its own sample pair only), so streaming gives
+the numbers of scoring the whole set at once.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..registry import register_metric
-from ..types import MetricResult, Samples
-from .base import Metric
+from ..types import MetricResult
+from .base import Metric, SampleSource, cat_or_empty, frames, paired_batches
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
-
-
-def paired(samples: Samples, reference: Samples) -> tuple[torch.Tensor, torch.Tensor]:
-    if reference is None:
-        raise ValueError("this metric compares with the fp reference samples, but none were given")
-    if samples.images.shape != reference.images.shape or not torch.equal(samples.labels, reference.labels):
-        raise ValueError("samples and fp reference differ in shape or labels; they must come from the same protocol")
-    return samples.images.float(), reference.images.float()
 
 
 def _per_sample(per: torch.Tensor) -> list[float]:
@@ -24,36 +21,52 @@ def _per_sample(per: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in per.double().tolist()]
 
 
-def _frames(x: torch.Tensor) -> torch.Tensor:
-    """(N, F, C, H, W) videos -> (N * F, C, H, W) frames; images pass through."""
-    return x.flatten(0, 1) if x.ndim == 5 else x
+class _PairedMetric(Metric):
+    """A per-sample comparison with the fp sample; ``batch_size`` = images (video frames) read per batch from each
+    set (default: ``base.READ_BYTES`` of float32 images)."""
+
+    needs_reference = True
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size
+
+    def per_sample(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def values(self, samples: SampleSource, reference: SampleSource | None) -> torch.Tensor:
+        return cat_or_empty([self.per_sample(a, b) for a, b, _ in paired_batches(samples, reference, self.batch_size)],
+                            "samples")
 
 
 @register_metric("psnr_vs_fp")
-class PSNRvsFP(Metric):
+class PSNRvsFP(_PairedMetric):
     """Mean per-sample PSNR (dB, peak-to-peak 2) against the fp sample with the same noise and class."""
 
-    name, higher_is_better, needs_reference = "psnr_vs_fp", True, True
+    name, higher_is_better = "psnr_vs_fp", True
 
-    def compute(self, samples, reference, ctx) -> MetricResult:
+    def per_sample(self, a, b):
         from torchmetrics.functional.image import peak_signal_noise_ratio
 
-        a, b = paired(samples, reference)
-        per = peak_signal_noise_ratio(a, b, data_range=DATA_RANGE, dim=tuple(range(1, a.ndim)), reduction="none")
-        return self.result(per.mean(), len(a), std=per.std().item() if torch.isfinite(per).all() else 0.0,
+        return peak_signal_noise_ratio(a, b, data_range=DATA_RANGE, dim=tuple(range(1, a.ndim)), reduction="none")
+
+    def compute(self, samples, reference, ctx) -> MetricResult:
+        per = self.values(samples, reference)
+        return self.result(per.mean(), len(per), std=per.std().item() if torch.isfinite(per).all() else 0.0,
                            per_sample=_per_sample(per))
 
 
 @register_metric("ssim_vs_fp")
-class SSIMvsFP(Metric):
+class SSIMvsFP(_PairedMetric):
     """Mean per-sample SSIM (videos: mean over frames) against the fp sample (3x3 Gaussian window, sigma 0.5, so 8x8 digits work too)."""
 
-    name, higher_is_better, needs_reference = "ssim_vs_fp", True, True
+    name, higher_is_better = "ssim_vs_fp", True
 
-    def compute(self, samples, reference, ctx) -> MetricResult:
+    def per_sample(self, a, b):
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        a, b = paired(samples, reference)
-        per = structural_similarity_index_measure(_frames(a), _frames(b), data_range=DATA_RANGE, kernel_size=3,
-                                                  sigma=0.5, reduction="none").view(len(a), -1).mean(1)
-        return self.result(per.mean(), len(a), std=per.std().item(), per_sample=_per_sample(per))
+        return structural_similarity_index_measure(frames(a), frames(b), data_range=DATA_RANGE, kernel_size=3,
+                                                   sigma=0.5, reduction="none").view(len(a), -1).mean(1)
+
+    def compute(self, samples, reference, ctx) -> MetricResult:
+        per = self.values(samples, reference)
+        return self.result(per.mean(), len(per), std=per.std().item(), per_sample=_per_sample(per))

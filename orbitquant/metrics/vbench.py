@@ -23,10 +23,9 @@ import subprocess
 from pathlib import Path
 
 from ..registry import register_metric
-from ..types import MetricResult, Samples
-from .base import Metric
+from ..types import MetricResult
+from .base import Metric, SampleSource, work_dir
 from .clip_score import sample_prompts
-from .features import tensor_checksum, to_uint8
 from .inception import default_feature_cache
 
 #: the paper's eight dimensions (ORBITQUANT_SPEC Table B), in its column order
@@ -57,24 +56,38 @@ def video_name(prompt: str, i: int) -> str:
     return f"{prompt}-{i}.mp4"
 
 
-def write_videos(samples: Samples, out_dir: str | Path, fps: int = 16) -> dict[str, int]:
+def write_videos(samples: SampleSource, out_dir: str | Path, fps: int = 16) -> dict[str, int]:
     """Write every video as ``{prompt}-{i}.mp4`` (i counts the samples of a prompt) and ``orbitquant_index.json``
-    (file name -> sample index). Existing files are kept (a re-score rewrites nothing)."""
+    (file name -> sample index). Existing files are kept (a re-score rewrites nothing, and reads no video when
+    every file is there); the others are written one video at a time as they are read."""
     from ..viz import save_mp4
 
-    if samples.images.ndim != 5:
+    if _first_ndim(samples) != 5:
         raise ValueError("VBench scores videos (N, F, C, H, W); these samples are images")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index, seen = {}, {}
+    index, seen, names = {}, {}, []
     for k, prompt in enumerate(sample_prompts(samples)):
         i = seen[prompt] = seen.get(prompt, -1) + 1
-        name = video_name(prompt, i)
-        index[name] = k
-        if not (out / name).exists() and save_mp4(samples.images[k], out / name, fps=fps) is None:
-            raise ModuleNotFoundError("writing mp4 needs imageio and imageio-ffmpeg (pip install -e '.[video]')")
+        names.append(video_name(prompt, i))
+        index[names[-1]] = k
+    if not all((out / name).exists() for name in names):
+        k = 0
+        for x, _ in samples.batches(1):  # one video (F frames) in memory at a time
+            for clip in x:
+                if not (out / names[k]).exists() and save_mp4(clip, out / names[k], fps=fps) is None:
+                    raise ModuleNotFoundError("writing mp4 needs imageio and imageio-ffmpeg (pip install -e "
+                                              "'.[video]')")
+                k += 1
     (out / INDEX_FILE).write_text(json.dumps(index, indent=0))
     return index
+
+
+def _first_ndim(samples: SampleSource) -> int:
+    """The first sample's batch rank (5 for videos), checked before anything is written."""
+    for x, _ in samples.batches(1, uint8=True):
+        return x.ndim
+    return 0
 
 
 def default_python() -> Path:
@@ -128,8 +141,8 @@ class VBenchContext:
     def __init__(self) -> None:
         self._runs: dict[tuple, dict[str, dict]] = {}
 
-    def results(self, metric: VBenchMetric, samples: Samples) -> dict[str, dict]:
-        key = (id(samples.images), tuple(samples.images.shape), tuple(metric.dimensions))
+    def results(self, metric: VBenchMetric, samples: SampleSource) -> dict[str, dict]:
+        key = (samples.fingerprint(), tuple(metric.dimensions))
         if key not in self._runs:
             self._runs[key] = metric.evaluate(samples)
         return self._runs[key]
@@ -166,14 +179,12 @@ class VBenchMetric(Metric):
         if self.full_info is not None and not Path(self.full_info).is_file():
             raise FileNotFoundError(f"metric {self.name}: VBench full-info file {self.full_info} not found")
 
-    def folder(self, samples: Samples) -> Path:
+    def folder(self, samples: SampleSource) -> Path:
         if self.work_dir:
             return Path(self.work_dir)
-        if samples.meta.get("source"):
-            return Path(samples.meta["source"]).parent / "vbench"
-        return default_feature_cache().parent / "vbench" / tensor_checksum(to_uint8(samples.images))[:16]
+        return work_dir(samples, "vbench") or default_feature_cache().parent / "vbench" / samples.fingerprint()[:16]
 
-    def evaluate(self, samples: Samples) -> dict[str, dict]:
+    def evaluate(self, samples: SampleSource) -> dict[str, dict]:
         work = self.folder(samples)
         index = write_videos(samples, work / "videos", fps=self.fps)
         result = work / "results" / "orbitquant_eval_results.json"
@@ -183,7 +194,7 @@ class VBenchMetric(Metric):
                                 full_info=self.full_info, device=self.device, local=self.local, timeout=self.timeout)
         return parse_results(result, index, len(samples))
 
-    def compute(self, samples: Samples, reference, ctx: VBenchContext) -> MetricResult:
+    def compute(self, samples: SampleSource, reference, ctx: VBenchContext) -> MetricResult:
         res = ctx.results(self, samples)
         if self.dimension not in res:
             raise RuntimeError(f"VBench returned no {self.dimension!r} (has {', '.join(res)})")
