@@ -10,7 +10,7 @@ A store is a directory::
 
     store.json                         {"key": what wrote it, "n": items, "format": "uint8" | "float32"}
     shard-<start:06d>-<stop:06d>.npz   images (uint8 or float32 in [-1, 1]), labels (int64)
-    shard-<start:06d>-<stop:06d>.json  {"start", "stop", "sha256" of the .npz, "bytes", "forwards"}: written after
+    shard-<start:06d>-<stop:06d>.json  {"start", "stop", "sha256" of the .npz, "bytes", "forwards", "labels"}: after
                                        the .npz, so a shard counts as finished only when its record exists
     meta.json                          the sampler's metadata (prompts, steps, guidance, seed)
 
@@ -228,7 +228,8 @@ class StoreWriter:
         (np.savez_compressed if self.fmt == "uint8" else np.savez)(buf, **arrays)
         data = buf.getvalue()
         name = _shard_name(start, stop)
-        rec = {"start": start, "stop": stop, "sha256": _sha256(data), "bytes": len(data), "forwards": int(forwards)}
+        rec = {"start": start, "stop": stop, "sha256": _sha256(data), "bytes": len(data), "forwards": int(forwards),
+               "labels": arrays["labels"].tolist()}  # opening a store reads labels here, not every shard
         try:
             atomic_write(self.path / f"{name}.npz", lambda f: f.write(data))
             faults.point(f"{self.name}:npz")
@@ -324,7 +325,8 @@ class SampleSet:
             pos = by_start[pos]["stop"]
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         meta["denoiser_forwards"] = sum(r.get("forwards", 0) for r in chain)
-        labels = [cls._load(path, r)["labels"] for r in chain]
+        labels = [np.asarray(r["labels"], dtype=np.int64) if "labels" in r else cls._load(path, r)["labels"]
+                  for r in chain]
         lab = torch.from_numpy(np.concatenate(labels)) if labels else torch.empty(0, dtype=torch.int64)
         return cls(path, chain, lab, {**meta, "source": str(path)}, spec.get("format", "uint8"), spec.get("key", ""))
 

@@ -62,9 +62,11 @@ class Metric:
 
 # ---------------------------------------------------------------------------------------------- reading in batches
 #: the default read batch of metrics without a network batch size (PSNR, SSIM, the digits metrics): as many images
-#: as fill this many bytes of float32 -- 5 1024² images, 16 480x720 video frames (one video is read whole), or a
-#: whole digits protocol (500 8x8 images: one batch, so the numbers are those of scoring it at once)
-READ_BYTES = 64 * 2**20
+#: as fill this many bytes of float32 -- 10 256² images, one 1024² image (at least one sample is read), or a whole
+#: digits protocol (500 8x8 images: one batch, so the numbers are those of scoring it at once). Small on purpose:
+#: SSIM's windowed statistics take ~30x the batch (measured: 85 256² images, the old 64 MiB, peaked at +2.1 GB), and
+#: a run's peak must not depend on how many samples it scores (scripts/bench_memory.py)
+READ_BYTES = 8 * 2**20
 
 
 def item_shape(samples: SampleSource) -> tuple[int, ...]:

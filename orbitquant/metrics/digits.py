@@ -46,7 +46,7 @@ def _fid(ctx: DigitsContext, pairs: Iterable[tuple[torch.Tensor | None, torch.Te
     prepare_torch_fidelity()  # a torch-fidelity install without torchvision would break the import below
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=DigitFeatures(ctx.net))
+    fid = FrechetInceptionDistance(feature=DigitFeatures(ctx.net), sync_on_compute=False)  # rank 0 scores alone
     with torch.inference_mode(False), torch.no_grad():
         for real, fake in pairs:
             if real is not None:
@@ -107,7 +107,7 @@ class ClassAccuracy(DigitsMetric):
     def compute(self, samples, reference, ctx) -> MetricResult:
         from torchmetrics.classification import MulticlassAccuracy
 
-        acc = MulticlassAccuracy(num_classes=ctx.net.head.out_features, average="micro")
+        acc = MulticlassAccuracy(num_classes=ctx.net.head.out_features, average="micro", sync_on_compute=False)
         with torch.no_grad():
             for x, labels in self.batches(samples):
                 acc.update(ctx.net(x), labels)
@@ -125,7 +125,7 @@ class DigitsInceptionScore(DigitsMetric):
 
         with warnings.catch_warnings():  # it keeps every sample's 10 logits (per-sample values, not images)
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer")
-            metric = InceptionScore(feature=DigitLogits(ctx.net), splits=5)
+            metric = InceptionScore(feature=DigitLogits(ctx.net), splits=5, sync_on_compute=False)
         with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)  # torchmetrics shuffles into splits with the global RNG; keep the metric deterministic
             for x, _ in self.batches(samples):
