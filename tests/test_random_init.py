@@ -131,6 +131,25 @@ def test_bf16_build_keeps_the_checkpoints_fp32_modules_and_is_seeded():
     assert not torch.equal(s1["blocks.0.attn1.to_q.weight"], s3["blocks.0.attn1.to_q.weight"])
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_bf16_build_initialises_the_tensors_it_keeps(name):
+    # parameters are cast at registration, before the modules' in-place init: the init must land on the kept bf16
+    # tensor (a stale fp32 one would leave torch.empty garbage), so every tensor has the fp32 build's distribution
+    a = _adapter(name)
+    b16 = a.build_random(0, torch.bfloat16, config=_small(name)).transformer.state_dict()
+    f32 = a.build_random(0, torch.float32, config=_small(name)).transformer.state_dict()
+    for k, ref in f32.items():
+        got = b16[k].float()
+        if ref.numel() == 1 or ref.std() < 1e-6:  # constants: norm weights, zero-init projections
+            assert torch.allclose(got, ref, atol=1e-2, rtol=1e-2), k
+        elif ref.numel() < 256:  # too few values for tight moments: same range, not constant
+            assert got.std() > 0 and got.abs().max() <= 1.1 * ref.abs().max() + 1e-2, k
+        else:  # same distribution (the draws differ between dtypes): moments within ~4.5 standard errors
+            n = ref.numel() ** 0.5
+            assert abs(float(got.std() / ref.std()) - 1) < 3.2 / n + 0.02, k
+            assert abs(float(got.mean() - ref.mean())) < 4.5 * float(ref.std()) / n, k
+
+
 @pytest.mark.parametrize("name", ["wan21", "dit_xl_2"])
 def test_load_takes_the_random_path_never_tiny_or_download(name, monkeypatch):
     cls = MODELS.get(ADAPTER[name])
