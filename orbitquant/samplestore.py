@@ -18,7 +18,10 @@ Every write goes to a unique temp file, is fsynced and renamed into place (``ato
 the shard's SHA-256: a half-written, truncated or corrupted shard is never used -- the writer deletes it and samples
 it again. ``uint8`` is how images are saved anyway (PNG rounding, ``features.to_uint8``) and what FID, CLIP, GenEval
 and VBench read; ``float32`` keeps the exact sampler output (the digits protocols, where PSNR against the fp model
-is measured on floats and the arrays are tiny).
+is measured on floats and the arrays are tiny); ``mp4`` keeps each video as the H.264 file a video pipeline's
+``export_to_video`` writes (``viz.save_mp4``, quality 5, ``MP4_FPS``) -- the file VBench reads, so the VBench
+metric copies it as is, and a compressed video instead of raw uint8 frames (97 MB per 81-frame 832x480 video);
+other metrics read its decoded frames.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from .types import Samples
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("float32", "uint8")
+FORMATS = ("float32", "uint8", "mp4")
+#: frame rate written into stored mp4 videos (Wan 2.1's 16 fps; VBench's default); metrics read the frames
+MP4_FPS = 16
 STORE_FILE, META_FILE = "store.json", "meta.json"
 
 
@@ -93,6 +98,27 @@ def from_stored(arr: np.ndarray) -> torch.Tensor:
     """A stored array -> float32 in [-1, 1]. For uint8, ``u / 127.5 - 1`` rounds back to exactly ``u``."""
     x = torch.from_numpy(arr)
     return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+
+
+def encode_mp4(video: torch.Tensor, fps: int = MP4_FPS) -> bytes:
+    """(F, C, H, W) frames in [-1, 1] -> the bytes of the mp4 ``viz.save_mp4`` writes (what VBench reads)."""
+    from .viz import save_mp4
+
+    with tempfile.TemporaryDirectory() as d:
+        path = save_mp4(video, Path(d) / "v.mp4", fps=fps)
+        if path is None:
+            raise ModuleNotFoundError("eval.store=mp4 needs imageio and imageio-ffmpeg: pip install -e '.[video]'")
+        return path.read_bytes()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """mp4 bytes -> uint8 frames (F, 3, H, W)."""
+    import imageio.v3 as iio
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        return np.ascontiguousarray(iio.imread(f.name).transpose(0, 3, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------- sinks
@@ -224,7 +250,13 @@ class StoreWriter:
         if len(images) != stop - start:
             raise ValueError(f"shard [{start}, {stop}) got {len(images)} samples")
         buf = io.BytesIO()
-        arrays = {"images": to_stored(images, self.fmt), "labels": np.asarray(labels, dtype=np.int64)}
+        arrays = {"labels": np.asarray(labels, dtype=np.int64)}
+        if self.fmt == "mp4":
+            if images.ndim != 5:
+                raise ValueError("eval.store=mp4 stores videos (N, F, C, H, W); store images as uint8 or float32")
+            arrays.update({f"mp4_{i}": np.frombuffer(encode_mp4(v), dtype=np.uint8) for i, v in enumerate(images)})
+        else:
+            arrays["images"] = to_stored(images, self.fmt)
         (np.savez_compressed if self.fmt == "uint8" else np.savez)(buf, **arrays)
         data = buf.getvalue()
         name = _shard_name(start, stop)
@@ -331,14 +363,20 @@ class SampleSet:
         return cls(path, chain, lab, {**meta, "source": str(path)}, spec.get("format", "uint8"), spec.get("key", ""))
 
     @staticmethod
-    def _load(path: Path, rec: dict) -> dict[str, np.ndarray]:
+    def _load(path: Path, rec: dict, decode: bool = True) -> dict:
         npz = path / f"{_shard_name(rec['start'], rec['stop'])}.npz"
         data = npz.read_bytes()
         if _sha256(data) != rec["sha256"]:
             raise StoreError(f"sample shard {npz} fails its checksum (changed or corrupted on disk); delete it and "
                              "run the same command again to re-sample it")
         with np.load(io.BytesIO(data)) as z:
-            return {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files}
+        mp4 = sorted((k for k in out if k.startswith("mp4_")), key=lambda k: int(k[4:]))
+        if mp4:
+            out["mp4"] = [out.pop(k).tobytes() for k in mp4]
+            if decode:
+                out["images"] = np.stack([decode_mp4(b) for b in out["mp4"]])
+        return out
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -382,6 +420,13 @@ class SampleSet:
         else:
             x = from_stored(arr)
         return x, torch.from_numpy(np.concatenate(labs))
+
+    def encoded(self) -> Iterator[bytes]:
+        """Each sample's stored mp4 file, in order (``mp4`` stores only): what the VBench metric copies as is."""
+        if self.fmt != "mp4":
+            raise ValueError(f"{self.path} stores {self.fmt} arrays, not mp4 files")
+        for rec in self.shards:
+            yield from self._load(self.path, rec, decode=False)["mp4"]
 
     def head(self, k: int) -> torch.Tensor:
         """The first ``k`` samples as float32 (previews)."""

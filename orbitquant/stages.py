@@ -102,6 +102,8 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
         store_format = c["eval"].get("store", "float32")
         if store_format not in FORMATS:
             raise ValueError(f"eval.store={store_format!r}; valid: {', '.join(FORMATS)}")
+        if store_format == "mp4" and adapter.modality != "video":
+            raise ValueError(f"eval.store=mp4 stores videos, but model={adapter.name} makes images; use eval.store=uint8")
         for m in metrics:
             m.check()  # feature-net weights present: fail now, not after sampling
         adapter.check_protocol(protocol, c["eval"]["name"])

@@ -14,14 +14,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, scale: int = 4, max_rows: int = 10) -> Path:
-    """Save up to ``ncol * max_rows`` images as one PNG grid (nearest upsampling by ``scale``, 1px gutters).
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, ncol: int = 10, scale: int = 4,
+              max_rows: int = 10) -> Path:
+    """Save up to ``ncol * max_rows`` images -- (N, C, H, W) in [-1, 1] or uint8 tiles (N, H, W, C) -- as one PNG
+    grid (nearest upsampling by ``scale``, 1px gutters).
 
     With labels cycling 0..9 (the digits protocol), column k shows class k.
     """
     from PIL import Image
 
-    arr = to_uint8(images[: ncol * max_rows])
+    arr = images[: ncol * max_rows] if isinstance(images, np.ndarray) else to_uint8(images[: ncol * max_rows])
     n, h, w, c = arr.shape
     rows = -(-n // ncol)
     hs, ws = h * scale, w * scale
@@ -55,8 +57,12 @@ def save_mp4(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path | Non
     if importlib.util.find_spec("imageio") is None or importlib.util.find_spec("imageio_ffmpeg") is None:
         return None
     from diffusers.utils import export_to_video
+    from PIL import Image
 
-    return Path(export_to_video(list(to_uint8(frames)), str(path), fps=fps, macro_block_size=1))
+    # PIL frames: export_to_video multiplies numpy frames by 255 (it expects floats in [0, 1]), which wraps uint8
+    # frames into noise; PIL images are written as they are
+    imgs = [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).convert("RGB") for a in to_uint8(frames)]
+    return Path(export_to_video(imgs, str(path), fps=fps, macro_block_size=1))
 
 
 def plot_layer_errors(layers: list[dict], path: str | Path, title: str = "") -> Path | None:

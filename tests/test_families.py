@@ -110,3 +110,8 @@ def test_video_samples_are_stored_exactly_with_grid_gif_and_mp4_previews(tmp_pat
     assert torch.equal(next(stored.batches(2))[0], clips)
     frames = iio.imread(tmp_path / files["mp4_000"])
     assert frames.shape == (9, 16, 24, 3)
+    from orbitquant.viz import save_mp4
+
+    ramp = torch.linspace(-1, 1, 24).expand(9, 3, 16, 24)  # smooth content: H.264 keeps it (noise it does not)
+    got = torch.from_numpy(iio.imread(save_mp4(ramp, tmp_path / "ramp.mp4"))).float()
+    assert (got - ((ramp + 1) * 127.5).round().permute(0, 2, 3, 1)).abs().mean() < 3  # not uint8 frames x 255

@@ -130,6 +130,8 @@ BAD_INPUTS = [
     (["model=flux1_schnell", "eval=t2i_smoke", "+model.path=/nonexistent"], "point model.path at the downloaded"),
     (["results_dir=/proc/orbitquant"], "No such file or directory"),  # Hydra cannot even create the run dir
     (["quant=smoothquant", "quant_checkpoint=/tmp/ckpt"], "quant_checkpoint supports data-free methods"),
+    (["model=tiny_flux", "eval=t2i_smoke", "eval.store=mp4"], "eval.store=mp4 stores videos"),
+    (["eval.store=png"], "eval.store='png'; valid: float32, uint8, mp4"),
 ]
 
 
@@ -273,6 +275,18 @@ def test_the_mission_command_reaches_the_weights_check_and_ends_in_one_line(tmp_
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: model={model}: ") and "hf download" in err[0], p.stderr
     assert "runs on the CPU" in p.stdout  # the one-line note that a real family on a CPU is slow
+
+
+def test_a_video_run_stored_as_mp4_is_exact_for_fp_and_keeps_each_video_as_one_file(tmp_path):
+    from orbitquant.samplestore import SampleSet
+
+    _run(["model=tiny_wan", "quant=fp", "eval.store=mp4"], tmp_path)
+    run = json.loads(next((tmp_path / "runs").glob("tiny_wan/fp/**/results.json")).read_text())
+    assert run["metrics"]["psnr_vs_fp"]["value"] == "inf"  # same frames -> same mp4 bytes -> same decoded frames
+    assert run["sampling"]["store"] == "mp4"
+    s = SampleSet.open(next((tmp_path / "runs").glob("tiny_wan/fp/**/samples")))
+    files = list(s.encoded())
+    assert len(files) == len(s) == 2 and all(f[4:8] == b"ftyp" for f in files)  # one mp4 file per video
 
 
 def test_a_tiny_model_alone_runs_with_its_own_protocol(tmp_path):

@@ -174,3 +174,34 @@ def test_store_records_are_plain_json_with_checksums(tmp_path):
     rec = json.loads((tmp_path / "s/shard-000000-000004.json").read_text())
     assert rec["start"] == 0 and rec["stop"] == 4 and len(rec["sha256"]) == 64 and rec["forwards"] == 8
     assert json.loads((tmp_path / "s/store.json").read_text()) == {"key": "k", "n": 11, "format": "float32"}
+
+
+def test_mp4_store_keeps_the_file_vbench_reads_and_decodes_its_frames(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    from orbitquant.metrics.vbench import write_videos
+    from orbitquant.samplestore import encode_mp4
+
+    g = torch.Generator().manual_seed(0)
+    clips = (torch.rand(3, 9, 3, 16, 24, generator=g) * 0.2 + torch.linspace(-0.8, 0.8, 24)).clamp(-1, 1)
+    w = StoreWriter(tmp_path / "v", "k", 3, "mp4")
+    w.write(0, 2, clips[:2], [0, 1])
+    w.write(2, 3, clips[2:], [1])
+    w.finish({"prompts": ["a cat", "a dog"]})
+    w.close()
+    s = SampleSet.open(tmp_path / "v")
+    files = list(s.encoded())
+    assert files == [encode_mp4(c) for c in clips]  # deterministic: the same bytes save_mp4 writes
+    got = torch.cat([x for x, _ in s.batches(2)])
+    assert got.shape == clips.shape
+    err = (got - clips).abs().mean().item()
+    assert 0 < err < 0.1  # H.264 at quality 5 on these frames: lossy (0.05), not wrapped bytes (0.85 was a bug)
+    with pytest.raises(ValueError, match="store=mp4 stores videos"):
+        StoreWriter(tmp_path / "i", "k", 1, "mp4").write(0, 1, torch.zeros(1, 3, 8, 8), [0])
+    # the VBench export copies the stored files byte for byte, and equals writing them from the frames
+    idx = write_videos(s, tmp_path / "out")
+    mem = Samples(images=torch.from_numpy(to_stored(clips, "uint8")).float() / 127.5 - 1, labels=s.labels,
+                  meta=s.meta)
+    idx2 = write_videos(mem, tmp_path / "out2")
+    assert idx == idx2 == {"a cat-0.mp4": 0, "a dog-0.mp4": 1, "a dog-1.mp4": 2}
+    for name in idx:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
