@@ -20,6 +20,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from test_metrics_clip import TinyClip, toy_tokenizer
 from torch import nn
 
 from orbitquant.factory import build_metrics, metric_contexts
@@ -74,29 +75,6 @@ class TinyInception(nn.Module):
         h = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x.float() / 127.5 - 1)), 3)
         pool3 = h.mean((2, 3))
         return {"pool3": pool3, "logits_unbiased": self.fc(pool3), "spatial": h[:, :7].permute(0, 2, 3, 1).flatten(1)}
-
-
-class TinyClip(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.visual = nn.Linear(3 * 16 * 16, 8)
-        self.visual.input_resolution = 16
-        self.tok = nn.Embedding(128, 8)
-
-    def encode_image(self, x):
-        return self.visual(x.flatten(1))
-
-    def encode_text(self, ids):
-        return self.tok(ids).sum(1)
-
-
-def toy_tokenizer(texts):
-    out = torch.zeros(len(texts), 12, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids = [ord(c) % 128 for c in t[:12]]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the interface
