@@ -11,7 +11,7 @@ a checklist of what it needs (weights, metric references, evaluator environments
                                                                   # a measured timing from a (dry) run
 
 Exit status 0 even when the checklist has failures (it is a plan); 2 for bad input (unknown option, a config that
-does not compose). Library: orbitquant/plan.py (formulas, assumptions, the timing-file schema).
+does not compose). Library: orbitquant/plan/ (formulas, assumptions; the timing-file schema in timing.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceiling", type=Path, default=DEFAULT_CEILING,
                     help="GPU bench JSON with meta.ceilings.bf16_matmul_TFLOPs (default: %(default)s)")
     ap.add_argument("--bench-dir", type=Path, default=BENCH,
-                    help="folder scanned for forward-timing files (schema in orbitquant/plan.py; default: %(default)s)")
+                    help="folder scanned for forward-timing files (schema in orbitquant/plan/timing.py; default: %(default)s)")
     ap.add_argument("--no-check", action="store_true", help="skip the checklist (weights, metrics, prompt files)")
     args = ap.parse_args(argv)
     try:

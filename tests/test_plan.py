@@ -1,4 +1,4 @@
-"""The sweep planner (orbitquant/plan.py, scripts/plan.py): counts from the configs, CFG forwards checked against the
+"""The sweep planner (orbitquant/plan/, scripts/plan.py): counts from the configs, CFG forwards checked against the
 real pipelines, tokens and FLOPs against the shipped configs and a published number, timing sources, the checklist."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 import yaml
 
 from orbitquant import plan as P
+from orbitquant.plan.checklist import _check_weights
+from orbitquant.plan.sweep import _axis_writes, _Composer, _overlap
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "projection (FLOPs at 40% of measured 679.4 TFLOP/s bf16 GEMM ceiling"
@@ -203,7 +205,7 @@ def test_fast_path_equals_full_composition():
 
     jobs = P.expand_sweep({"quant": "orbit,qdit,vidit_q", "bits": "w4a8,w8a8", "seed": "0,2"}, ["experiment=digits"])
     with initialize_config_dir(config_dir=str(P.CONF), version_base="1.3"):
-        comp = P._Composer(P.CONF)
+        comp = _Composer(P.CONF)
         for job in jobs:
             fast, subdir = comp.compose(job, {"quant", "bits", "seed"})
             full = compose(config_name="config", overrides=job, return_hydra_config=True)
@@ -225,11 +227,11 @@ def test_axes_writing_the_same_key_are_composed_by_hydra(tmp_path):
     for opt, body in contents.items():
         (tmp_path / opt[0]).mkdir(exist_ok=True)
         (tmp_path / opt[0] / f"{opt}.yaml").write_text("# @package _global_\n" + body)
-    assert P._axis_writes(tmp_path, "a=a2", "a=a1") == {"shared", "other"}
-    assert P._overlap({("shared",)}, {("shared", "x")}) and not P._overlap({("a",)}, {("b",)})
+    assert _axis_writes(tmp_path, "a=a2", "a=a1") == {"shared", "other"}
+    assert _overlap({("shared",)}, {("shared", "x")}) and not _overlap({("a",)}, {("b",)})
     jobs = P.expand_sweep({}, ["a=a1,a2", "b=b1,b2"])
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-        comp = P._Composer(tmp_path)
+        comp = _Composer(tmp_path)
         for job in jobs:
             fast, _ = comp.compose(job, {"a", "b"})
             assert fast == P.plain_config(compose(config_name="config", overrides=job, return_hydra_config=True))
@@ -307,7 +309,7 @@ def test_missing_weights_are_a_failed_check_not_a_crash():
 
 
 def test_random_init_needs_no_weights():
-    assert P._check_weights({"adapter": "wan", "name": "wan21", "init": "random"}).ok
+    assert _check_weights({"adapter": "wan", "name": "wan21", "init": "random"}).ok
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
