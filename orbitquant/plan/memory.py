@@ -64,10 +64,10 @@ def memory_outline(cost: ProtocolCost, metrics: list, dtype: str, eval_name: str
     load_detail = (f"denoiser {denoiser / 1e9:.3g} B params (shipped config)" if denoiser else "denoiser: no shipped "
                    "config (tiny test pipeline, negligible)") + "".join(f" + {n} {p / 1e9:.3g} B (nominal)"
                                                                        for n, p in extras) + f", x {nb} B ({dtype})"
-    elems = (cost.bytes_per_sample - 8) // (1 if cost.store == "uint8" else 4) if cost.bytes_per_sample else 0
-    batch = cost.batch_size * elems * (4 + (1 if cost.store == "uint8" else 0))
+    elems = (cost.bytes_per_sample - 8) // (4 if cost.store == "float32" else 1) if cost.bytes_per_sample else 0
+    batch = cost.batch_size * elems * (4 + (0 if cost.store == "float32" else 1))
     batch_detail = f"{cost.batch_size} x {elems:,} values x (4 B float32 output" + (
-        " + 1 B uint8 shard)" if cost.store == "uint8" else ")")
+        ")" if cost.store == "float32" else f" + 1 B {cost.store} shard)")
     n = cost.n_samples
     inc = [m for m in metrics if isinstance(m, InceptionMetric)]
     others = [m for m in metrics if not isinstance(m, InceptionMetric)]

@@ -128,7 +128,9 @@ def protocol_cost(kind: str, name: str, protocol: dict, model_cfg: dict, store: 
     tm = timing_for(model_name, protocol, shape, fl, method, timings, ceiling, mfu) if real else None
     bps = None
     if shape is not None:
-        bps = math.prod(shape) * (1 if store == "uint8" else 4) + 8
+        # mp4 stores hold compressed video, whose size depends on the content: priced at its raw uint8 frames, an
+        # upper bound (labelled where shown)
+        bps = math.prod(shape) * (4 if store == "float32" else 1) + 8
     return ProtocolCost(kind, name, model_name, adapter, n, n_src, int(protocol["steps"]), guidance,
                         int(protocol.get("batch_size", 1)), rows, calls, cfg_note, geo, tnote, fl, tm, store, bps)
 

@@ -88,7 +88,9 @@ def render(plan: Plan, markdown: bool = False) -> str:
             rows.append(["seconds / forward", "n/a", "no shipped config / timing file / ceiling for this model"])
         if p.kind == "eval":
             rows.append(["disk / sample set", fmt_bytes(p.disk_bytes),
-                         f"{p.n_samples:,} x {p.bytes_per_sample or 0:,} B raw {p.store} (compression not counted)"])
+                         f"{p.n_samples:,} x {p.bytes_per_sample or 0:,} B raw "
+                         + ("uint8 frames: an upper bound of the mp4 store" if p.store == "mp4" else p.store)
+                         + " (compression not counted)"])
         out.append(tabulate(rows, headers=["", "value", "from"], tablefmt=fmt))
         out.append("")
     rows = run_rows(plan)

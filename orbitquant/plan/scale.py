@@ -85,7 +85,7 @@ def scale_doc(mfu: float = DEFAULT_MFU, ceiling_file: Path | None = DEFAULT_CEIL
         "reference of a seed costs the same once more, cached; calibration is extra for calibrated methods). "
         "`forwards` are denoiser rows (one sample through the "
         "denoiser once; CFG doubles them where the family runs it). Disk is the raw sample store (uint8; "
-        "compression not counted). Host memory is the outline of `orbitquant.plan.memory.memory_outline`: flat in the "
+        "compression not counted; for the mp4 stores of the VBench protocols an upper bound). Host memory is the outline of `orbitquant.plan.memory.memory_outline`: flat in the "
         "sample count except the metric state."),
         "",
     ]
@@ -133,7 +133,8 @@ def scale_doc(mfu: float = DEFAULT_MFU, ceiling_file: Path | None = DEFAULT_CEIL
                     for k, v in CFG_RULES.items()) + ". Read from each adapter and the diffusers 0.42 pipeline it "
         "drives (`orbitquant.plan.CFG_RULES` cites the lines) and checked on the tiny pipelines by "
         "`tests/test_plan.py`.",
-        ("- **Disk** = samples x (H x W x 3 or F x H x W x 3 bytes for uint8 stores, x 4 for float32) + 8 B label, per "
+        ("- **Disk** = samples x (H x W x 3 or F x H x W x 3 bytes for uint8 stores, x 4 for float32; mp4 video stores "
+         "(VBench) are priced at their raw uint8 frames, an upper bound of the compressed files) + 8 B label, per "
         "sample store (the fp reference of a seed once, every run once). Compression, previews, feature caches, "
         "calibration artifacts and the GenEval / VBench exports are not counted."),
         (f"- **Host memory**: load = the pipeline's parameters x dtype bytes (denoiser from its shipped config; text "
