@@ -56,6 +56,8 @@ def main() -> None:
                     help="another checkout (e.g. `git worktree add /tmp/old <commit>`) measured side by side")
     ap.add_argument("--out", default=str(ROOT / "results/bench/cpu-memory-streaming"))
     a = ap.parse_args()
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout.strip()  # at the start: what was measured
     rows = []
     for root in [ROOT] + ([a.baseline.resolve()] if a.baseline else []):
         for quant in a.quant:
@@ -68,11 +70,12 @@ def main() -> None:
               for r, q, _ in peaks}
     import torch
 
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
     out = {"what": f"run.py model=tiny_flux eval=t2i_smoke at {a.size}x{a.size}, batch 4, one fresh process per case",
-           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "machine": {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version(), "torch": torch.__version__},
-           "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True, check=False).stdout.strip(),
+           "git": git,
            "rows": rows, "growth_mb": growth, "target_growth_mb": 150}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
