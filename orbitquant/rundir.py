@@ -1,8 +1,8 @@
 """Run directories: self-describing results on disk, written atomically, skipped when done.
 
 Layout: ``<results_dir>/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/`` holding ``.hydra/``,
-``samples/`` (``samples.npz``, ``grid.png``), ``results.json`` (written last, atomically), and a
-``.RUNNING`` or ``.ERROR`` marker while a run is in flight or after it failed.
+``samples/`` (the sample store: checksummed shards, ``grid.png``), ``quant_report.json``, ``results.json`` (written
+last, atomically), and a ``.RUNNING`` or ``.ERROR`` marker while a run is in flight or after it failed.
 """
 
 from __future__ import annotations

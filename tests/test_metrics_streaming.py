@@ -109,9 +109,9 @@ def test_read_batch_counts_images_and_video_frames():
     assert base.items_per_read(imgs, 7) == 7 and base.items_per_read(vids, 7) == 1 and base.items_per_read(vids, 13) == 2
     assert base.items_per_read(imgs, None) == base.READ_BYTES // (4 * 3 * 4 * 4)
     big = Samples(torch.zeros(2, 3, 1024, 1024), torch.zeros(2, dtype=torch.long))
-    assert base.items_per_read(big, None) == 1  # 8 MiB hold less than one float32 1024^2 RGB image: one a read
+    assert base.items_per_read(big, None) == 1  # 3 MiB hold less than one float32 1024^2 RGB image: one a read
     mid = Samples(torch.zeros(2, 3, 256, 256), torch.zeros(2, dtype=torch.long))
-    assert base.items_per_read(mid, None) == 10
+    assert base.items_per_read(mid, None) == 4
 
 
 # ---------------------------------------------------------------------------------------------- exactness

@@ -62,11 +62,12 @@ class Metric:
 
 # ---------------------------------------------------------------------------------------------- reading in batches
 #: the default read batch of metrics without a network batch size (PSNR, SSIM, the digits metrics): as many images
-#: as fill this many bytes of float32 -- 10 256² images, one 1024² image (at least one sample is read), or a whole
+#: as fill this many bytes of float32 -- 4 256² images, one 1024² image (at least one sample is read), or a whole
 #: digits protocol (500 8x8 images: one batch, so the numbers are those of scoring it at once). Small on purpose:
-#: SSIM's windowed statistics take ~30x the batch (measured: 85 256² images, the old 64 MiB, peaked at +2.1 GB), and
-#: a run's peak must not depend on how many samples it scores (scripts/bench_memory.py)
-READ_BYTES = 8 * 2**20
+#: SSIM's windowed statistics take ~30x the batch, and a run's peak must not depend on how many samples it scores
+#: (measured, SSIM on 256² float32 stores: 64 MiB batches peaked +2.1 GB higher at 64 samples than at 8; 8 MiB, +110
+#: MB at 128; 3 MiB, +9 MB; scripts/bench_memory.py for whole runs)
+READ_BYTES = 3 * 2**20
 
 
 def item_shape(samples: SampleSource) -> tuple[int, ...]:
