@@ -11,6 +11,7 @@ run process). The target of issue 18: growth from 8 to 128 samples <= 150 MB.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ def run_case(n: int, quant: str, size: int, work: Path, root: Path = ROOT) -> di
             "eval.protocol.batch_size=4", f"results_dir={work}/runs", f"cache_dir={work}/cache", "progress=false"]
     if quant != "fp":
         args += ["w_bits=4", "a_bits=8"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = _env(root)
     t = time.perf_counter()
     rss_file = work / "maxrss"
     p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, str(root / "run.py"), *args],
@@ -47,6 +48,20 @@ def run_case(n: int, quant: str, size: int, work: Path, root: Path = ROOT) -> di
             "timing_s": res["timing"], "sample_disk_mb": round(disk / 2**20, 2)}
 
 
+def _env(root: Path) -> dict:
+    """The run's environment: offline, one thread, and a native-kernel build directory of this checkout's own.
+    torch rebuilds a JIT extension whose source path changed, and GNU time's peak would then be the C++ compiler's
+    (~1.5 GB), not the run's; :func:`warm_up` builds it once before anything is measured."""
+    ext = Path(tempfile.gettempdir()) / "orbitquant-bench-ext" / hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext)}
+
+
+def warm_up(root: Path) -> None:
+    """Build (or find) the checkout's native CPU kernel outside the measured runs."""
+    subprocess.run([sys.executable, "-c", "from orbitquant.kernels import orbit_cpu; orbit_cpu()"], cwd=root,
+                   env=_env(root), capture_output=True, check=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[8, 128])
@@ -60,6 +75,7 @@ def main() -> None:
                          check=False).stdout.strip()  # at the start: what was measured
     rows = []
     for root in [ROOT] + ([a.baseline.resolve()] if a.baseline else []):
+        warm_up(root)
         for quant in a.quant:
             for n in sorted(a.counts):
                 with tempfile.TemporaryDirectory() as d:
