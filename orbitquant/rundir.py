@@ -36,13 +36,10 @@ def _jsonable(x):
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write JSON via a temp file + rename so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON (non-finite floats as strings) via a temp file + fsync + rename: a reader never sees half a file."""
+    from .atomic import atomic_write_json as write
+
+    write(path, _jsonable(obj), indent=2)
 
 
 def provenance(device: str = "cpu") -> dict:

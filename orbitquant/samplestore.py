@@ -26,14 +26,11 @@ other metrics read its decoded frames.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +39,9 @@ import numpy as np
 import torch
 
 from . import faults
+from .atomic import DiskFull, atomic_write, atomic_write_json
 from .types import Samples
+from .viz import decode_mp4, encode_mp4
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +53,6 @@ STORE_FILE, META_FILE = "store.json", "meta.json"
 
 class StoreError(RuntimeError):
     """A sample store cannot be used as asked (another run's samples, missing shards, a full disk)."""
-
-
-class DiskFull(StoreError):
-    """The disk filled up while writing a shard; every finished shard is kept."""
-
-
-# ---------------------------------------------------------------------------------------------- atomic files
-def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
-    """Write ``path`` through ``write(file_object)`` into a unique temp file in the same directory, fsync it and
-    rename it into place: a reader sees the old file or the whole new one, never a part, and two writers never
-    share a temp name. On any failure the temp file is removed; ENOSPC becomes :class:`DiskFull`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFull(f"no space left on the device writing {path}") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -98,27 +67,6 @@ def from_stored(arr: np.ndarray) -> torch.Tensor:
     """A stored array -> float32 in [-1, 1]. For uint8, ``u / 127.5 - 1`` rounds back to exactly ``u``."""
     x = torch.from_numpy(arr)
     return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
-
-
-def encode_mp4(video: torch.Tensor, fps: int = MP4_FPS) -> bytes:
-    """(F, C, H, W) frames in [-1, 1] -> the bytes of the mp4 ``viz.save_mp4`` writes (what VBench reads)."""
-    from .viz import save_mp4
-
-    with tempfile.TemporaryDirectory() as d:
-        path = save_mp4(video, Path(d) / "v.mp4", fps=fps)
-        if path is None:
-            raise ModuleNotFoundError("eval.store=mp4 needs imageio and imageio-ffmpeg: pip install -e '.[video]'")
-        return path.read_bytes()
-
-
-def decode_mp4(data: bytes) -> np.ndarray:
-    """mp4 bytes -> uint8 frames (F, 3, H, W)."""
-    import imageio.v3 as iio
-
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        f.write(data)
-        f.flush()
-        return np.ascontiguousarray(iio.imread(f.name).transpose(0, 3, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------- sinks
@@ -254,7 +202,8 @@ class StoreWriter:
         if self.fmt == "mp4":
             if images.ndim != 5:
                 raise ValueError("eval.store=mp4 stores videos (N, F, C, H, W); store images as uint8 or float32")
-            arrays.update({f"mp4_{i}": np.frombuffer(encode_mp4(v), dtype=np.uint8) for i, v in enumerate(images)})
+            arrays.update({f"mp4_{i}": np.frombuffer(encode_mp4(v, MP4_FPS), dtype=np.uint8)
+                           for i, v in enumerate(images)})
         else:
             arrays["images"] = to_stored(images, self.fmt)
         (np.savez_compressed if self.fmt == "uint8" else np.savez)(buf, **arrays)

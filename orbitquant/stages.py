@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import faults
+from .atomic import DiskFull
 from .rundir import RunDir, atomic_write_json, config_hash, run_identity
 from .samplestore import FORMATS, SampleSet, StoreError, StoreWriter, check_owner
 
@@ -218,7 +219,7 @@ def _sample_into(run: Run, pipe, path: Path, key: str, desc: str, name: str,
             writer.close()
         distributed.barrier()
         return SampleSet.open(path, n) if run.rank == 0 else None
-    except StoreError as e:  # another config's samples, a full disk: one line; finished shards stay on disk
+    except (StoreError, DiskFull) as e:  # another config's samples, a full disk: one line; finished shards stay
         sys.exit(f"error: {e}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,25 @@ def save_mp4(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path | Non
     # frames into noise; PIL images are written as they are
     imgs = [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).convert("RGB") for a in to_uint8(frames)]
     return Path(export_to_video(imgs, str(path), fps=fps, macro_block_size=1))
+
+
+def encode_mp4(video: torch.Tensor, fps: int = 16) -> bytes:
+    """(F, C, H, W) frames in [-1, 1] -> the bytes of the mp4 :func:`save_mp4` writes (what VBench reads)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = save_mp4(video, Path(d) / "v.mp4", fps=fps)
+        if path is None:
+            raise ModuleNotFoundError("eval.store=mp4 needs imageio and imageio-ffmpeg: pip install -e '.[video]'")
+        return path.read_bytes()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """mp4 bytes -> uint8 frames (F, 3, H, W)."""
+    import imageio.v3 as iio
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        return np.ascontiguousarray(iio.imread(f.name).transpose(0, 3, 1, 2))
 
 
 def plot_layer_errors(layers: list[dict], path: str | Path, title: str = "") -> Path | None:

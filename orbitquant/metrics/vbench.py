@@ -22,8 +22,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..registry import register_metric
-from ..samplestore import MP4_FPS, atomic_write
+from ..samplestore import MP4_FPS
 from ..types import MetricResult
 from .base import Metric, SampleSource, work_dir
 from .clip_score import sample_prompts
