@@ -265,7 +265,8 @@ def test_each_model_brings_its_protocols_and_dtype_and_explicit_choices_win(mode
     assert (exp.model.name, exp.eval.name, exp.device) == ("wan21", "vbench", "cuda")
 
 
-@pytest.mark.parametrize("model", ["wan21", "flux1_dev", "cogvideox_2b", "zimage_turbo", "dit_xl_2"])
+@pytest.mark.parametrize("model", ["wan21", "flux1_dev", *(pytest.param(m, marks=pytest.mark.slow)
+                                                          for m in ("cogvideox_2b", "zimage_turbo", "dit_xl_2"))])
 def test_the_mission_command_reaches_the_weights_check_and_ends_in_one_line(tmp_path, model):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
     cmd = [sys.executable, str(ROOT / "run.py"), f"model={model}", "quant=orbit", "w_bits=4", "a_bits=8",
