@@ -59,3 +59,11 @@ def save_previews(samples, out_dir: Path) -> dict[str, str]:
 def reference_key(model_cfg: dict, protocol: dict, seed: int, fingerprint: str) -> str:
     """Cache key of the fp reference: model config, sampling protocol, seed and the weights' fingerprint."""
     return cache_key(model=model_cfg, protocol=protocol, seed=seed, weights=fingerprint)
+
+
+def run_reference_key(c: dict, fingerprint: str) -> str:
+    """The fp reference key of a run's resolved config (``results.json['config']``): its eval protocol, dtype,
+    device and sample-store format, seed and weights. One definition for ``run.py`` and ``scripts/score.py``."""
+    protocol = {**c["eval"]["protocol"], "dtype": c["dtype"], "device": c["device"],
+                "store": c["eval"].get("store", "float32")}
+    return reference_key(c["model"], protocol, c["seed"], fingerprint)

@@ -376,9 +376,3 @@ class SampleSet:
             raise ValueError(f"{self.path} stores {self.fmt} arrays, not mp4 files")
         for rec in self.shards:
             yield from self._load(self.path, rec, decode=False)["mp4"]
-
-    def head(self, k: int) -> torch.Tensor:
-        """The first ``k`` samples as float32 (previews)."""
-        for x, _ in self.batches(max(1, min(k, len(self)))):
-            return x
-        return torch.empty(0)

@@ -164,11 +164,9 @@ def _n_items(run: Run) -> int:
 
 
 def reference_store(run: Run) -> Path:
-    from .generate import reference_key
+    from .generate import run_reference_key
 
-    key = reference_key(run.c["model"], {**run.protocol, "dtype": run.c["dtype"], "device": run.c["device"],
-                                         "store": run.store_format}, run.c["seed"], run.adapter.fingerprint())
-    return Path(run.c["cache_dir"]) / "reference" / key
+    return Path(run.c["cache_dir"]) / "reference" / run_reference_key(run.c, run.adapter.fingerprint())
 
 
 def _open_if_complete(path: Path, n: int) -> SampleSet | None:

@@ -26,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orbitquant.factory import build_adapter, build_metrics, metric_contexts, metric_specs
-from orbitquant.generate import reference_key
+from orbitquant.generate import reference_key, run_reference_key
 from orbitquant.metrics.base import SampleSource, open_samples
 from orbitquant.rundir import atomic_write_json
 from orbitquant.samplestore import StoreError
@@ -61,9 +61,8 @@ def fp_reference_path(run: Path, results: dict, explicit: Path | None) -> Path |
     except Exception:  # noqa: BLE001 - no adapter here (missing optional deps): only --reference can help
         return None
     cache = Path(c.get("cache_dir", "results/cache")) / "reference"
-    protocol = {**c["eval"]["protocol"], "dtype": c["dtype"], "device": c["device"]}
-    store = cache / reference_key(c["model"], {**protocol, "store": c["eval"].get("store", "float32")}, c["seed"],
-                                  fingerprint)
+    store = cache / run_reference_key(c, fingerprint)
+    protocol = {**c["eval"]["protocol"], "dtype": c["dtype"], "device": c["device"]}  # the key before stores
     legacy = cache / f"{reference_key(c['model'], protocol, c['seed'], fingerprint)}.npz"
     return legacy if not store.exists() and legacy.exists() else store
 
