@@ -4,6 +4,7 @@
     python run.py quant=rtn w_bits=4 a_bits=4 seed=1
     python run.py -m quant=fp,rtn,orbit w_bits=4 a_bits=4,8
     python run.py logger=wandb                           # also mirror to W&B (offline without WANDB_API_KEY)
+    python run.py -m experiment=dit_imagenet preflight=true  # what the runs need, present or not; loads nothing
     torchrun --nproc_per_node=2 run.py                   # one run, samples sharded across ranks (rank 0 scores)
 
 Results: results/runs/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/results.json, with samples/ (the sample
@@ -56,3 +57,7 @@ if __name__ == "__main__":
     if err := check_group_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf"):
         sys.exit(err)  # before Hydra: one line with the nearest option instead of Hydra's search-path dump
     main()
+    from orbitquant.stages import PREFLIGHT
+
+    if PREFLIGHT["missing"]:  # preflight=true found something missing (in any job of a sweep)
+        sys.exit(1)

@@ -11,6 +11,24 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+def prompt_path(src: str | os.PathLike) -> Path:
+    """A prompt file's path: as given from the working directory, else from the repository root."""
+    path = Path(src)
+    if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
+        path = REPO / path
+    return path
+
+
+def prompt_file_need(src, label: str, fix: str | None = None):
+    """A protocol's prompt file as a preflight item (None when the prompts are given inline)."""
+    if not isinstance(src, (str, os.PathLike)):
+        return None
+    from .preflight import file_need
+
+    return file_need(f"prompts of {label}", prompt_path(src), fix or "write the prompt file (docs/metrics.md says "
+                     "where each protocol's prompts come from), or point eval.protocol.prompts= at it")
+
+
 def load_prompts(src: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
     """Prompts from a list, or from a file: ``.txt`` (one per line; blank lines and ``#`` comments
     skipped) or ``.json`` (a list of strings). A relative path is tried from the working directory, then
@@ -19,9 +37,7 @@ def load_prompts(src: str | os.PathLike | list[str] | tuple[str, ...]) -> list[s
         prompts = list(src)
         where = "the prompts list"
     else:
-        path = Path(src)
-        if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
-            path = REPO / path
+        path = prompt_path(src)
         if not path.is_file():
             raise ValueError(f"prompt file {src!r} not found (give a .txt with one prompt per line, a .json list, "
                              "or an inline list)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import faults
+from . import faults, preflight
 from .atomic import DiskFull
 from .rundir import RunDir, atomic_write_json, config_hash, run_identity
 from .samplestore import FORMATS, SampleSet, StoreError, StoreWriter, check_owner
@@ -32,6 +33,8 @@ from .samplestore import FORMATS, SampleSet, StoreError, StoreWriter, check_owne
 log = logging.getLogger("orbitquant.run")
 
 QUANT_REPORT = "quant_report.json"  # written after quantization: a restart with finished samples skips the model
+#: what ``preflight=true`` jobs of this process have listed and found missing (a sweep's jobs share the process)
+PREFLIGHT: dict = {"seen": set(), "missing": 0}
 
 
 def resolve_device(device: str) -> str:
@@ -43,6 +46,17 @@ def resolve_device(device: str) -> str:
             raise ValueError(f"device={device} but no CUDA device is available here; use device=auto or device=cpu")
         return device
     raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def _device(device: str) -> tuple[str, list]:
+    """The resolved device, and the CUDA device as a preflight need when one is asked for (a run without it stops
+    with the rest of the checklist; ``preflight=true`` on a CPU machine still lists everything else)."""
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        ok = torch.cuda.is_available()
+        return device, [preflight.Need("CUDA device", f"device={device}", ok,
+                                       "run on a GPU node, or pass device=auto (or device=cpu)",
+                                       "" if ok else "no CUDA device here")]
+    return resolve_device(device), []
 
 
 @dataclass
@@ -91,11 +105,12 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
     from .api import quantizer_for
     from .checkpoint import check_checkpoint
     from .cli import fp_bits_error
+    from .data import prompt_file_need
     from .factory import build_adapter, build_metrics, build_quant_config
 
     c = OmegaConf.to_container(cfg, resolve=True)
     try:
-        c["device"] = resolve_device(str(cfg.device))
+        c["device"], needs = _device(str(cfg.device))
         adapter, qcfg = build_adapter(c["model"]), build_quant_config(c["quant"])
         if err := fp_bits_error(qcfg.method, list(hydra_cfg.overrides.task), str(hydra_cfg.mode) == "RunMode.MULTIRUN"):
             sys.exit(err)
@@ -105,15 +120,29 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
             raise ValueError(f"eval.store={store_format!r}; valid: {', '.join(FORMATS)}")
         if store_format == "mp4" and adapter.modality != "video":
             raise ValueError(f"eval.store=mp4 stores videos, but model={adapter.name} makes images; use eval.store=uint8")
-        for m in metrics:
-            m.check()  # feature-net weights present: fail now, not after sampling
-        adapter.check_protocol(protocol, c["eval"]["name"])
-        check_checkpoint(cfg.quant_checkpoint, qcfg)
         needs_calib = quantizer_for(qcfg).needs_calibration
+        protocols = {c["eval"]["name"]: (protocol, c["eval"].get("fetch", {}))}
         if needs_calib:
-            adapter.check_protocol(c["calib"]["protocol"], "calib=" + c["calib"]["name"])
+            protocols["calib=" + c["calib"]["name"]] = (c["calib"]["protocol"], c["calib"].get("fetch", {}))
+        # weights, references, evaluator environments, prompt files: all checked before the model loads
+        needs += preflight.collect(adapter, metrics)
+        for label, (proto, fetch) in protocols.items():
+            prompts = prompt_file_need(proto.get("prompts"), label, (fetch or {}).get("prompts"))
+            needs += [prompts] if prompts else []
+            if prompts is None or prompts.ok:
+                adapter.check_protocol(proto, label)
+        check_checkpoint(cfg.quant_checkpoint, qcfg)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
+    if cfg.get("preflight"):  # the checklist only: print it, load nothing (run.py exits non-zero if any is missing)
+        fresh = [n for n in needs if (n.what, n.where) not in PREFLIGHT["seen"]]  # a sweep lists each item once
+        PREFLIGHT["seen"].update((n.what, n.where) for n in needs)
+        PREFLIGHT["missing"] += len(preflight.missing(needs))
+        title = f"preflight {os.path.relpath(hydra_cfg.runtime.output_dir)}"
+        print(preflight.render(fresh, title) if fresh else f"{title}: nothing new (listed above)")
+        return None
+    if preflight.missing(needs):
+        sys.exit(preflight.error_text(needs))
     run = Run(cfg, c, RunDir(Path(hydra_cfg.runtime.output_dir)), adapter, qcfg, metrics, protocol, needs_calib,
               run_identity(c, needs_calib), store_format)
     diff = None if cfg.overwrite else run.dir.stored_config_diff(run.identity)

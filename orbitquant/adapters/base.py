@@ -50,6 +50,10 @@ class ModelAdapter(ABC):
     #: a real family at true size: on a CPU the run warns that it will be slow
     heavy: ClassVar[bool] = False
 
+    def needs(self) -> list:
+        """What loading needs (weights), as ``preflight.Need`` items checked before the run starts."""
+        return []
+
     def check_protocol(self, protocol: dict, eval_name: str = "") -> None:
         """Fail early, with the fix, when an eval protocol does not fit this model's ``generate``."""
         import inspect

@@ -68,6 +68,17 @@ class DiffusersAdapter(ModelAdapter):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def needs(self) -> list:
+        """The checkpoint (HF cache or ``model.path``) as a preflight item; none for random and tiny pipelines."""
+        from ..preflight import Need
+        from .hf import checkpoint_need
+
+        if self.init == "random":
+            return [Need(f"model={self.name}", "model.init=random: true-size denoiser, random weights", True)]
+        if self.tiny and not self.path:
+            return [Need(f"model={self.name}", "tiny random-init pipeline (no checkpoint)", True)]
+        return [checkpoint_need(self.name, self.repo_id, self.path, self.download)]
+
     def fingerprint(self) -> str:
         if self.init == "random":
             return f"random-{self.name}-{self.init_seed}"

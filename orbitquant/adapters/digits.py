@@ -126,6 +126,13 @@ class DigitsAdapter(ModelAdapter):
         self.outlier_scale = outlier_scale
         self.outlier_seed = outlier_seed
 
+    def needs(self) -> list:
+        from ..preflight import dir_need
+
+        return [dir_need(f"model={self.name}", self.path, "they ship with the repo (orbitquant/assets/digits_dit); "
+                         "`python scripts/train_digits.py` recreates them",
+                         contains=["config.json", "diffusion_pytorch_model.safetensors"])]
+
     def load(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DigitsPipeline:
         from diffusers import DiTTransformer2DModel
 

@@ -34,8 +34,30 @@ def resolve_checkpoint(name: str, repo_id: str, path: str | None = None, allow_d
     except LocalEntryNotFoundError:
         raise WeightsNotFound(
             f"model={name}: {repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); download it "
-            f"with `hf download {repo_id}` (gated repos need `hf auth login` and accepted terms) or set "
-            f"model.path=/local/dir, or pass model.download=true on a machine with network access"
+            f"with {download_fix(repo_id)}"
         ) from None
     except OSError as e:  # network failures when downloading is allowed
         raise WeightsNotFound(f"model={name}: could not fetch {repo_id}: {e}") from None
+
+
+def download_fix(repo_id: str) -> str:
+    return (f"`hf download {repo_id}` (gated repos need `hf auth login` and accepted terms), or set "
+            "model.path=/local/dir, or pass model.download=true on a machine with network access")
+
+
+def checkpoint_need(name: str, repo_id: str, path: str | None = None, allow_download: bool = False):
+    """The weights as a preflight item (``preflight.Need``): present locally, or to be downloaded at load when
+    ``allow_download``; never downloads here."""
+    from huggingface_hub import constants
+
+    from ..preflight import Need
+
+    what = f"model={name}"
+    try:
+        return Need(what, f"{repo_id} weights at {resolve_checkpoint(name, repo_id, path, False)}", True)
+    except WeightsNotFound:
+        if allow_download and not path:
+            return Need(what, f"{repo_id} weights (model.download=true: fetched from the hub at load)", True)
+        where = f"weights path {Path(path).expanduser()}" if path else \
+            f"{repo_id} weights in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        return Need(what, where, False, f"download with {download_fix(repo_id)}", "not found")

@@ -48,10 +48,18 @@ class Metric:
     needs_reference: ClassVar[bool] = False
     context_cls: ClassVar[type | None] = None  # shared lazy resources (feature nets, real data), one per run
 
+    def needs(self) -> list:
+        """Everything this metric needs to run besides its options, as ``preflight.Need`` items (weights with their
+        published hashes, reference files and their keys, evaluator environments, CUDA). Checked before the model
+        loads, so a run never samples for hours and then fails at scoring; ``run.py preflight=true`` prints them.
+        Raises ValueError for a bad option (a config error, not a missing piece)."""
+        return []
+
     def check(self) -> None:
-        """Raise (FileNotFoundError / ValueError, naming the fix) if the metric cannot run, e.g. its feature
-        network's weights are missing. Called before the model is loaded, so a run never samples for
-        hours and then fails at scoring."""
+        """Raise FileNotFoundError naming every missing need and its fix (ValueError for a bad option)."""
+        from ..preflight import raise_missing
+
+        raise_missing(self.needs(), f"metric {self.name}")
 
     def compute(self, samples: SampleSource, reference: SampleSource | None, ctx: Any) -> MetricResult:
         raise NotImplementedError

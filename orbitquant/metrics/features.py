@@ -35,6 +35,8 @@ from .base import SampleSource, frames_per_item, items_per_read, rebatch
 #: the file torch-fidelity (and torchmetrics' FID/IS/KID) downloads: TF's 2015-12-05 Inception graph, converted
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+#: its sha256 (95,628,359 bytes; the torch.hub name carries the prefix). torch-fidelity does not check it; we do
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_ENV = "ORBITQUANT_INCEPTION_WEIGHTS"
 FEATURE_CACHE_ENV = "ORBITQUANT_FEATURE_CACHE"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -301,19 +303,62 @@ def import_torch_fidelity_inception():
     return FeatureExtractorInceptionV3
 
 
-def find_inception_weights(path: str | Path | None = None) -> Path:
+def find_inception_weights(path: str | Path | None = None, strict: bool = True) -> Path:
     """The torch-fidelity Inception weights: ``path`` (a metric option), else ``$ORBITQUANT_INCEPTION_WEIGHTS``, else
     torch.hub's cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity and torchmetrics download it). Raises
-    one FileNotFoundError naming the file and where it comes from."""
+    one FileNotFoundError naming the file and where it comes from; ``strict=False`` returns where it is looked for
+    instead (preflight reports it)."""
     candidates = [Path(p).expanduser() for p in (path, os.environ.get(INCEPTION_ENV)) if p]
     hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     for c in candidates or [hub]:
         if c.is_file():
             return c
+    if not strict:
+        return (candidates or [hub])[0]
     where = ", ".join(str(c) for c in candidates) if candidates else str(hub)
-    raise FileNotFoundError(
-        f"InceptionV3 weights not found at {where}. Download {INCEPTION_URL} (the FID Inception of torch-fidelity / "
-        f"torchmetrics) and put it at {hub}, or point `inception_weights:` (or ${INCEPTION_ENV}) at the file")
+    raise FileNotFoundError(f"InceptionV3 weights not found at {where}. {inception_fix(hub)} (the FID Inception of "
+                            f"torch-fidelity / torchmetrics), or point `inception_weights:` (or ${INCEPTION_ENV}) at "
+                            "the file")
+
+
+def inception_fix(path: str | Path) -> str:
+    return f"wget {INCEPTION_URL} -O {path}"
+
+
+#: where the published reference sets come from (ADM's reference batches); others are named in docs/metrics.md
+KNOWN_REFERENCES = {
+    "VIRTUAL_imagenet256_labeled.npz": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+                                       "imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    "VIRTUAL_imagenet512.npz": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+                               "imagenet/512/VIRTUAL_imagenet512.npz",
+}
+
+
+def reference_fix(path: str | Path) -> str:
+    """How to get a reference set: the download command of a published one, else the docs section."""
+    url = KNOWN_REFERENCES.get(Path(path).name)
+    if url:
+        return f"wget {url} -O {path}"
+    return "prepare it as docs/metrics.md (section 'Reference sets') describes, or point the metric's reference: at it"
+
+
+def image_folder_need(what: str, path: str | Path, fix: str, files: list[str] | None = None):
+    """A folder of reference images: at least one image, or every one of ``files`` (relative paths) when the
+    reference is a list (COCO: the images of the captions used)."""
+    from ..preflight import Need
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return Need(what, str(p), False, fix, "not found" if not p.exists() else "not a folder")
+    if files is not None:
+        absent = [f for f in files if not (p / f).is_file()]
+        if absent:
+            return Need(what, str(p), False, fix, f"{len(absent)} of its {len(files)} listed images are missing "
+                                                  f"(first: {absent[0]})")
+        return Need(what, f"{p} ({len(files)} listed images)", True, fix)
+    if next((q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES), None) is None:
+        return Need(what, str(p), False, fix, f"no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return Need(what, str(p), True, fix)
 
 
 class InceptionV3(nn.Module):

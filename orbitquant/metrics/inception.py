@@ -29,15 +29,19 @@ import numpy as np
 import torch
 
 from ..registry import register_metric
+from ..samplestore import STORE_FILE
 from ..types import MetricResult
 from . import stats
 from .base import Metric, SampleSource, work_dir
 from .features import (
+    INCEPTION_SHA256,
     InceptionV3,
     RealSet,
     extract,
     find_inception_weights,
-    import_torch_fidelity_inception,
+    image_folder_need,
+    inception_fix,
+    reference_fix,
     resolve_device,
 )
 
@@ -152,19 +156,36 @@ class InceptionMetric(Metric):
         self.extractor_module = extractor  # a locally built extractor (tests); default: InceptionV3
         self.needs_reference = self.uses_real and reference == "fp"
 
-    def check(self) -> None:
+    #: the reference keys each metric reads from an ``.npz`` (any one set suffices; images also give statistics)
+    npz_keys: tuple[tuple[str, ...], ...] = (("arr_0",), ("images",))
+
+    def needs(self) -> list:
+        from ..preflight import dir_need, file_need, module_need, npz_need
+
+        out = []
         if self.extractor_module is None:
-            find_inception_weights(self.inception_weights)
-            try:
-                import_torch_fidelity_inception()
-            except ModuleNotFoundError as e:
-                raise FileNotFoundError(f"metric {self.name}: {e}") from None
-        if self.uses_real:
-            if self.reference is None:
-                raise ValueError(f"metric {self.name} needs `reference:` (an image folder, an ADM reference batch "
-                                 ".npz, statistics .npz, or fp); e.g. eval.metrics.{self.name}.reference=/path")
-            if self.reference != "fp" and not Path(self.reference).exists():
-                raise FileNotFoundError(f"metric {self.name}: reference {self.reference} not found")
+            path = find_inception_weights(self.inception_weights, strict=False)
+            out.append(file_need("InceptionV3 weights (torch-fidelity)", path, inception_fix(path),
+                                 sha256=INCEPTION_SHA256))
+            out.append(module_need("torch-fidelity (InceptionV3 code)", "torch_fidelity",
+                                   "pip install --no-deps torch-fidelity==0.4.0"))
+        if not self.uses_real:
+            return out
+        if self.reference is None:
+            raise ValueError(f"metric {self.name} needs `reference:` (an image folder, an ADM reference batch "
+                             ".npz, statistics .npz, or fp); e.g. eval.metrics.{self.name}.reference=/path")
+        if self.reference == "fp":
+            return out
+        ref, fix = Path(self.reference), reference_fix(self.reference)
+        if ref.suffix == ".npz":
+            keys = self.npz_keys if self.limit is None else _FrechetMetric.npz_keys[-2:]  # a subset needs images
+            want = " or ".join("+".join(k) for k in keys)
+            out.append(npz_need(f"reference .npz with {want}", ref, keys, fix))
+        elif (ref / STORE_FILE).is_file():
+            out.append(dir_need("reference sample store", ref, fix, contains=[STORE_FILE]))
+        else:
+            out.append(image_folder_need("reference images", ref, fix))
+        return out
 
     # -- helpers
     def real_pool3(self, ctx: FeatureContext, reference: SampleSource | None) -> torch.Tensor:
@@ -187,6 +208,7 @@ class InceptionMetric(Metric):
 class _FrechetMetric(InceptionMetric):
     higher_is_better = False
     stats_keys = ("mu", "sigma")
+    npz_keys = (("mu", "sigma"), ("arr_0",), ("images",))
 
     def compute(self, samples, reference, ctx: FeatureContext) -> MetricResult:
         fake = ctx.sample_features(self, samples, "Inception features")[self.feature]
@@ -216,6 +238,7 @@ class SFID(_FrechetMetric):
     """Spatial FID (Nash et al. 2021; ADM): Fréchet distance on the first 7 channels of ``mixed_6/conv`` (2023-d)."""
 
     name, feature, stats_keys = "sfid", "spatial", ("mu_s", "sigma_s")
+    npz_keys = (("mu_s", "sigma_s"), ("arr_0",), ("images",))
 
 
 @register_metric("isc")
