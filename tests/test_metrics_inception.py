@@ -110,12 +110,39 @@ def test_inception_score_matches_torchmetrics_and_its_definition():
     mean, std, per = stats.inception_score(logits, split_size=10_000)
     assert abs(mean - tm.compute()[0].item()) < 1e-5
     assert math.isclose(mean, math.exp(per.mean().item()), rel_tol=1e-12) and std == 0
-    m2, s2, _ = stats.inception_score(logits, split_size=100)  # two consecutive splits, as ADM's 5000 of 10k
+    m2, s2, _ = stats.inception_score(logits, split_size=100, shuffle=None)  # consecutive splits, in sample order
     halves = [stats.inception_score(logits[i:i + 100], 10_000)[0] for i in (0, 100)]
     assert math.isclose(m2, np.mean(halves)) and math.isclose(s2, np.std(halves))
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0))  # the default: splits of a seeded shuffle
+    m3, s3, per3 = stats.inception_score(logits, split_size=100)
+    halves = [stats.inception_score(logits[order[i:i + 100]], 10_000)[0] for i in (0, 100)]
+    assert math.isclose(m3, np.mean(halves)) and math.isclose(s3, np.std(halves)) and not math.isclose(m3, m2)
+    assert torch.allclose(per3[order[:100]], stats.inception_score(logits[order[:100]], 10_000)[2])  # sample order
     one_class = torch.zeros(50, 10)
     one_class[:, 3] = 20
     assert stats.inception_score(one_class)[0] < 1.001
+
+
+def test_inception_score_does_not_depend_on_the_class_order_of_the_samples():
+    """The ImageNet protocol generates class by class (10 x 1000); consecutive splits of 5000 would each see 500
+    classes. Perfect one-hot predictions score ~1000 in ADM's random label order; the class-sorted order must too
+    (it read 500 before the splits were shuffled)."""
+    labels = torch.arange(1000).repeat_interleave(10)  # dit.py's order: class by class
+    perfect = torch.full((10_000, 1008), -30.0)
+    perfect[torch.arange(10_000), labels] = 30.0
+    in_order = stats.inception_score(perfect, 5000, shuffle=None)[0]
+    assert 499 < in_order < 501  # the bias: each split sees 500 classes
+    shuffled = stats.inception_score(perfect, 5000)[0]
+    adm = stats.inception_score(perfect[torch.randperm(10_000, generator=torch.Generator().manual_seed(7))], 5000,
+                                shuffle=None)[0]  # ADM: labels drawn at random, splits in file order
+    assert shuffled > 900 and abs(shuffled - adm) / adm < 0.01
+    # a softer case (the issue's synthetic: ~216 in random order): class-sorted and shuffled agree with ADM's order
+    g = torch.Generator().manual_seed(1)
+    soft = torch.randn(10_000, 1008, generator=g) * 2
+    soft[torch.arange(10_000), labels] += 9.0
+    adm = stats.inception_score(soft[torch.randperm(10_000, generator=g)], 5000, shuffle=None)[0]
+    assert abs(stats.inception_score(soft, 5000)[0] - adm) / adm < 0.01
+    assert stats.inception_score(soft, 5000, shuffle=None)[0] < 0.9 * adm  # 49.5 vs 56.0
 
 
 def _save_pngs(images: torch.Tensor, folder):

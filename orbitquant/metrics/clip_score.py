@@ -101,11 +101,22 @@ def preprocess(images_u8: torch.Tensor, n_px: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def find_clip_weights(model: str, weights: str | None = None) -> Path:
+def clip_weights_path(model: str, weights: str | None = None) -> Path:
+    """Where the weights of ``model`` are looked for: ``weights``, else clip's own download location."""
     if model not in CLIP_URLS:
         raise ValueError(f"CLIP model {model!r} not supported; choose one of {', '.join(CLIP_URLS)}")
     fname = CLIP_URLS[model].rsplit("/", 1)[1]
-    path = Path(weights).expanduser() if weights else Path("~/.cache/clip").expanduser() / fname
+    return Path(weights).expanduser() if weights else Path("~/.cache/clip").expanduser() / fname
+
+
+def clip_sha256(model: str) -> str:
+    """OpenAI's published sha256 of a CLIP file: the folder of its URL (clip's ``_download`` checks the same)."""
+    return CLIP_URLS[model].rsplit("/", 2)[1]
+
+
+def find_clip_weights(model: str, weights: str | None = None) -> Path:
+    path = clip_weights_path(model, weights)
+    fname = path.name
     if not path.is_file():
         raise FileNotFoundError(f"CLIP {model} weights not found at {path}. Download {CLIP_URLS[model]} (OpenAI's "
                                 f"file) to ~/.cache/clip/{fname}, or point `weights:` at a local copy")
@@ -137,14 +148,18 @@ class CLIPScore(Metric):
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self._model, self._tokenizer = clip_model, tokenizer
 
-    def check(self) -> None:
+    def needs(self) -> list:
+        from ..preflight import file_need, module_need
+
+        out = []
         if self._model is None:
-            find_clip_weights(self.model, self.weights)
+            path = clip_weights_path(self.model, self.weights)
+            out.append(file_need(f"CLIP {self.model} weights (OpenAI)", path, f"wget {CLIP_URLS[self.model]} -O {path}",
+                                 sha256=clip_sha256(self.model)))
         if self._model is None or self._tokenizer is None:
-            try:
-                _clip_dir()
-            except ModuleNotFoundError as e:
-                raise FileNotFoundError(f"metric {self.name}: {e}") from None
+            out.append(module_need("clip-anytorch (CLIP model code, tokenizer)", "clip",
+                                   "pip install --no-deps clip-anytorch==2.6.0 ftfy regex"))
+        return out
 
     @functools.cached_property
     def net(self) -> torch.nn.Module:

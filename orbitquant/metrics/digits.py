@@ -64,12 +64,12 @@ class DigitsMetric(Metric):
     def __init__(self, batch_size: int | None = None) -> None:
         self.batch_size = batch_size
 
-    def check(self) -> None:
+    def needs(self) -> list:
+        from ..preflight import file_need
         from .digits_net import CLASSIFIER_PATH
 
-        if not CLASSIFIER_PATH.exists():
-            raise FileNotFoundError(f"metric {self.name}: digit classifier weights not found at {CLASSIFIER_PATH}; "
-                                    "run `python scripts/train_digits.py` to recreate them")
+        return [file_need("digit classifier weights", CLASSIFIER_PATH,
+                          "they ship with the repo; `python scripts/train_digits.py` recreates them")]
 
     def batches(self, samples: SampleSource) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return item_batches(samples, self.batch_size)

@@ -15,7 +15,8 @@ Options (``eval.metrics`` entries, e.g. ``{fid: {reference: /data/VIRTUAL_imagen
 ``cache_dir`` (feature cache; default: ``features/`` in the sample store when the samples are on disk,
 ``$ORBITQUANT_FEATURE_CACHE``, else ``~/.cache/orbitquant/features``),
 ``resolution`` (reference folder images), ``limit`` (use the first N reference images), ``k`` (precision/recall,
-default 3), ``split_size`` (Inception Score, default 5000 as ADM).
+default 3), ``split_size`` (Inception Score, default 5000 as ADM), ``shuffle`` (Inception Score: seed of the
+permutation its splits are taken from, default 0; ``null`` keeps sample order -- see ``stats.inception_score``).
 """
 
 from __future__ import annotations
@@ -248,10 +249,17 @@ class InceptionScore(InceptionMetric):
 
     name, higher_is_better, feature, uses_real = "isc", True, "logits_unbiased", False
 
+    def __init__(self, *args, shuffle: int | None = 0, **kw) -> None:
+        """``shuffle``: the seed of the permutation the splits are taken from (``null``: sample order); see
+        ``stats.inception_score``."""
+        super().__init__(*args, **kw)
+        self.shuffle = shuffle
+
     def compute(self, samples, reference, ctx: FeatureContext) -> MetricResult:
         logits = ctx.sample_features(self, samples, "Inception features")["logits_unbiased"]
-        mean, std, per = stats.inception_score(logits, self.split_size)
-        return self.result(mean, len(logits), split_std=std, per_sample=per_sample(per))
+        mean, std, per = stats.inception_score(logits, self.split_size, self.shuffle)
+        return self.result(mean, len(logits), split_std=std, shuffle=-1 if self.shuffle is None else self.shuffle,
+                           per_sample=per_sample(per))
 
 
 @register_metric("precision")

@@ -112,9 +112,19 @@ class LPIPSvsFP(Metric):
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self._net = lpips_net
 
-    def check(self) -> None:
-        if self._net is None:
-            find_backbone_weights(self.net_name, self.backbone_weights)
+    def needs(self) -> list:
+        from ..preflight import file_need, hub_prefix
+
+        if self._net is not None:
+            return []
+        if self.net_name not in BACKBONES:
+            raise ValueError(f"LPIPS net {self.net_name!r} not supported; choose one of {', '.join(BACKBONES)}")
+        fname = BACKBONES[self.net_name][1]
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / fname
+        path = Path(self.backbone_weights).expanduser() if self.backbone_weights else hub
+        # torchvision's file names carry their sha256 prefix (torch.hub's check_hash convention)
+        return [file_need(f"LPIPS {self.net_name} backbone weights (torchvision)", path,
+                          f"wget {URL.format(fname)} -O {path}", hash_prefix=hub_prefix(fname))]
 
     @functools.cached_property
     def net(self) -> nn.Module:
