@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,6 +80,27 @@ def test_preprocess_resizes_short_side_and_centre_crops():
     assert y.shape == (1, 3, 16, 16)
     white = (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
     assert torch.allclose(y[0, :, 8, 8], white, atol=1e-5)
+
+
+def test_preprocess_is_torchvisions_transform_to_the_pixel():
+    """clip's ``_transform(224)`` on a 1360x768 frame: torchvision's Resize(224) truncates the long side,
+    int(224 * 1360 / 768) = 396 (rounding gave 397, and every pixel moved); CenterCrop(224) then starts at
+    int(round((396 - 224) / 2)) = 86. The expected tensor is those torchvision sizes applied with PIL calls."""
+    from PIL import Image
+
+    from orbitquant.metrics.clip_score import MEAN, STD, resized_size
+
+    assert resized_size(1360, 768, 224) == (396, 224) and resized_size(768, 1360, 224) == (224, 396)
+    assert resized_size(224, 224, 224) == (224, 224) and resized_size(300, 225, 224) == (298, 224)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 768, 1360), dtype=torch.uint8, generator=g)
+    im = Image.fromarray(x[0].permute(1, 2, 0).numpy()).resize((396, 224), Image.BICUBIC).crop((86, 0, 310, 224))
+    want = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    want = (want - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    assert torch.equal(preprocess(x, 224)[0], want)
+    square = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8, generator=g)  # already the size: untouched
+    assert torch.equal(preprocess(square, 224)[0], (square[0].float() / 255 - torch.tensor(MEAN).view(3, 1, 1))
+                       / torch.tensor(STD).view(3, 1, 1))
 
 
 def test_check_names_missing_clip_weights(tmp_path, monkeypatch):

@@ -3,8 +3,8 @@ with OpenAI's CLIP from clip-anytorch.
 
 clip-anytorch's package imports torchvision and pkg_resources; its model code (``clip/model.py``) and BPE tokenizer
 (``clip/simple_tokenizer.py``, vocab in the wheel) do not, so they are loaded standalone and the preprocess (bicubic
-resize of the short side, centre crop, CLIP mean/std) is written with PIL -- bit-identical to clip's torchvision
-transform (SCALEOUT_STACK section 4). Install: ``pip install --no-deps clip-anytorch ftfy regex``.
+resize of the short side, centre crop, CLIP mean/std) is written with PIL, with torchvision's output sizes and crop
+offsets (:func:`preprocess`). Install: ``pip install --no-deps clip-anytorch ftfy regex``.
 
 Options: ``model`` (``ViT-B/32`` default, ``ViT-L/14``), ``weights`` (a local file: OpenAI's TorchScript archive or a
 state dict; default ``~/.cache/clip/<ViT-B-32.pt|ViT-L-14.pt>``, clip's own download location), ``batch_size``,
@@ -82,20 +82,31 @@ class ClipTokenizer:
         return out
 
 
+def resized_size(w: int, h: int, n_px: int) -> tuple[int, int]:
+    """torchvision ``Resize(n_px)``'s output size: the short side becomes ``n_px``, the long side
+    ``int(n_px * long / short)`` -- truncated, not rounded (``_compute_resized_output_size``): 1360x768 -> 396x224."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(n_px * long / short)
+    return (n_px, new_long) if w <= h else (new_long, n_px)
+
+
 def preprocess(images_u8: torch.Tensor, n_px: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> CLIP input (N, 3, n_px, n_px): short side to n_px (bicubic, PIL), centre crop, normalize."""
+    """uint8 (N, 3, H, W) -> CLIP input (N, 3, n_px, n_px): clip's own transform -- ``Resize(n_px, BICUBIC)`` (PIL),
+    ``CenterCrop(n_px)`` (offsets ``int(round((size - n_px) / 2))``), RGB, ``ToTensor``, ``Normalize`` -- written
+    with PIL because torchvision does not import beside the CPU torch wheel (tested to the pixel against the same
+    PIL calls with torchvision's sizes)."""
     from PIL import Image
 
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     out = []
     for arr in images_u8.permute(0, 2, 3, 1).cpu().numpy():
         im = Image.fromarray(arr)
+        size = resized_size(*im.size, n_px)
+        if size != im.size:  # torchvision returns the image unchanged when it already has the size
+            im = im.resize(size, Image.BICUBIC)
         w, h = im.size
-        s = n_px / min(w, h)
-        im = im.resize((max(n_px, round(w * s)), max(n_px, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = round((w - n_px) / 2), round((h - n_px) / 2)
-        im = im.crop((left, top, left + n_px, top + n_px))
+        left, top = int(round((w - n_px) / 2.0)), int(round((h - n_px) / 2.0))
+        im = im.crop((left, top, left + n_px, top + n_px)).convert("RGB")
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
         out.append((x - mean) / std)
     return torch.stack(out)
