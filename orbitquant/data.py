@@ -31,7 +31,9 @@ def prompt_file_need(src, label: str, fix: str | None = None):
 
 def load_prompts(src: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
     """Prompts from a list, or from a file: ``.txt`` (one per line; blank lines and ``#`` comments
-    skipped) or ``.json`` (a list of strings). A relative path is tried from the working directory, then
+    skipped), ``.json`` (a list of strings) or ``.jsonl`` (records with ``caption`` or ``prompt``, e.g. the COCO
+    files of ``scripts/make_coco_prompts.py``, whose ``file_name`` names each caption's image). A relative path is
+    tried from the working directory, then
     from the repository root (so ``orbitquant/assets/prompts/...`` works from anywhere)."""
     if not isinstance(src, (str, os.PathLike)):  # any sequence (list, tuple, OmegaConf ListConfig)
         prompts = list(src)
@@ -42,7 +44,13 @@ def load_prompts(src: str | os.PathLike | list[str] | tuple[str, ...]) -> list[s
             raise ValueError(f"prompt file {src!r} not found (give a .txt with one prompt per line, a .json list, "
                              "or an inline list)")
         where = f"prompt file {str(path)!r}"
-        if path.suffix == ".json":
+        if path.suffix == ".jsonl":  # records: {"caption" | "prompt": text, "file_name": its image, ...}
+            try:
+                rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON lines: {e}") from None
+            prompts = [r.get("caption", r.get("prompt")) if isinstance(r, dict) else None for r in rows]
+        elif path.suffix == ".json":
             try:
                 prompts = json.loads(path.read_text())
             except json.JSONDecodeError as e:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from torch import nn
 

@@ -153,6 +153,61 @@ def _save_pngs(images: torch.Tensor, folder):
         Image.fromarray(im).save(folder / f"{i:04d}.png")
 
 
+def test_t2i_fid_has_one_preprocessing_path_and_the_references_of_the_captions_used(tmp_path):
+    """Two faults of the text-to-image FID: reference images were centre-cropped and bicubic-resized to
+    ``resolution`` while samples went straight into the network's own resize; and the COCO reference was the first N
+    files by name, not the images of the captions generated. With ``preprocess: clean`` and ``reference_files``, a
+    reference folder holding exactly the sampled images (PNG, among decoys that sort first) scores FID 0."""
+    import json
+
+    from PIL import Image
+
+    gen = _images(6, 3, size=48)
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    for i, im in enumerate(to_uint8(_images(4, 9, shift=0.7, size=64)).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im[:, 8:56]).save(folder / f"a_decoy_{i}.png")  # non-square, sorts first
+    for i, im in enumerate(to_uint8(gen).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(folder / f"img_{i}.png")
+    listing = tmp_path / "prompts.jsonl"
+    listing.write_text("".join(json.dumps({"caption": f"caption {i}", "file_name": f"img_{i}.png"}) + "\n"
+                               for i in range(6)))
+    samples = Samples(images=gen, labels=torch.arange(6), meta={})
+    net = TinyInception()
+
+    def fid(**opts):
+        (m,) = build_metrics([{"fid": {"reference": str(folder), "extractor": net, "progress": False, **opts}}])
+        return m.compute(samples, None, metric_contexts([m])[m.context_cls]).value
+
+    assert fid(preprocess="clean", reference_files=str(listing)) < 1e-6
+    assert fid(resolution=32, limit=6) > 1e-3  # before: first 6 files by name, resized to 32 on one side only
+    assert fid(resolution=48, reference_files=str(listing)) < 1e-6  # the same images at the sample size agree ...
+    assert fid(preprocess="clean") > 1e-3  # ... and the whole folder (decoys) does not
+    with pytest.raises(ValueError, match="drop resolution"):
+        build_metrics([{"fid": {"reference": str(folder), "preprocess": "clean", "resolution": 512}}])
+    (m,) = build_metrics([{"fid": {"reference": str(folder), "extractor": net, "reference_files": str(listing)}}])
+    (listed,) = m.needs()
+    assert listed.ok and "6 listed images" in listed.where
+    (folder / "img_4.png").unlink()
+    (missing,) = m.needs()
+    assert not missing.ok and "img_4.png" in missing.problem
+
+
+def test_clean_resize_is_clean_fids_resize_rounded():
+    """``features.clean_resize`` = clean-fid's "clean" resize (float PIL bicubic per channel, clipped), rounded to
+    uint8 for torch-fidelity's Inception; non-square images are centre-cropped first."""
+    from orbitquant.metrics.features import clean_resize
+
+    cleanfid_resize = pytest.importorskip("cleanfid.resize", reason="clean-fid: pip install --no-deps clean-fid")
+    g = np.random.default_rng(0)
+    square = g.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    theirs = cleanfid_resize.make_resizer("PIL", False, "bicubic", (299, 299))(square)
+    assert theirs.dtype == np.float32 and np.array_equal(clean_resize(square), np.rint(theirs).astype(np.uint8))
+    wide = g.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    assert np.array_equal(clean_resize(wide), clean_resize(wide[:, 100:400]))  # centre square crop first
+    assert np.abs(clean_resize(square).astype(float) - theirs).max() <= 0.5
+
+
 def test_fid_family_on_folder_npz_and_fp_references(tmp_path):
     net = TinyInception()
     real_imgs, fake_imgs = _images(60, 1), _images(40, 2, shift=0.3)

@@ -60,23 +60,93 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def _center_crop_resize(im, size: int | None):
     from PIL import Image
 
-    im = im.convert("RGB")
+    im = _center_square(im.convert("RGB"))
     if size is None:
         return im
+    return im.resize((size, size), Image.BICUBIC) if im.size[0] != size else im
+
+
+def _center_square(im):
     w, h = im.size
     s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return im.resize((size, size), Image.BICUBIC) if s != size else im
+    return im if w == h else im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+#: clean-fid's input size: images are resized to it outside the network (its "clean" mode)
+CLEAN_SIZE = 299
+
+
+def clean_resize(im, size: int = CLEAN_SIZE) -> np.ndarray:
+    """clean-fid's "clean" resize (Parmar et al. 2022; ``cleanfid.resize.make_resizer("PIL", False, "bicubic",
+    (299, 299))``): each channel resized as a float32 image with PIL's antialiased bicubic filter, clipped to
+    [0, 255] -- here after a centre square crop (non-square references; generated images are square), and rounded
+    to uint8 because torch-fidelity's Inception takes uint8 (at 299 px its own resize is the identity, so the only
+    difference from clean-fid's input is that rounding, at most half a grey level). ``im``: a PIL image or an HWC
+    uint8 array; returns (size, size, 3) uint8. Written here because clean-fid's package imports torchvision; the
+    tests compare it with ``cleanfid.resize`` where clean-fid is installed."""
+    from PIL import Image
+
+    if isinstance(im, np.ndarray):
+        im = Image.fromarray(im)
+    arr = np.asarray(_center_square(im.convert("RGB")), dtype=np.float32)
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c]), mode="F").resize((size, size),
+                                                                                          Image.BICUBIC))
+             for c in range(3)]
+    return np.rint(np.stack(chans, axis=-1).clip(0, 255)).astype(np.uint8)
+
+
+class CleanResize(nn.Module):
+    """An extractor that first puts every image through :func:`clean_resize` -- the one preprocessing path of both
+    sides of a text-to-image FID (samples here, reference images in :func:`iter_image_folder`)."""
+
+    def __init__(self, net: nn.Module, size: int = CLEAN_SIZE) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+        self.identity, self.outputs = f"{net.identity}-clean{size}", net.outputs
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-2:] != (self.size, self.size):  # references arrive resized already (clean_resize is idempotent)
+            arrs = [clean_resize(a, self.size) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+            x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous().to(x.device)
+        return self.net(x)
+
+
+def reference_files(src: str | Path) -> list[str]:
+    """The reference image files named by a list: a ``.jsonl`` of records with ``file_name`` (the COCO prompt
+    files of ``scripts/make_coco_prompts.py``: the image of each caption) or a text file with one name per line;
+    in order, each once."""
+    import json
+
+    path = Path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference list {path} not found")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(ln) for ln in lines]
+        if not all(isinstance(r, dict) and r.get("file_name") for r in rows):
+            raise ValueError(f"{path}: every record needs a file_name (the image of its caption)")
+        lines = [r["file_name"] for r in rows]
+    return list(dict.fromkeys(lines))
 
 
 def iter_image_folder(path: str | Path, size: int | None = None, limit: int | None = None,
-                      batch_size: int = 64) -> Iterator[torch.Tensor]:
-    """The images under ``path`` (sorted, recursive) as uint8 (B, 3, size, size) batches: centre square crop,
-    bicubic resize (the usual COCO / MJHQ reference preparation). ``size=None`` keeps sizes (they must then all
-    agree). One batch of decoded images in memory at a time."""
+                      batch_size: int = 64, files: list[str] | None = None,
+                      clean: bool = False) -> Iterator[torch.Tensor]:
+    """The images under ``path`` (sorted, recursive; or exactly ``files``, relative paths, in their order) as uint8
+    (B, 3, H, W) batches: centre square crop, then bicubic resize to ``size`` (the usual COCO / MJHQ reference
+    preparation), or with ``clean`` clean-fid's resize to 299 (:func:`clean_resize`). ``size=None`` keeps sizes
+    (they must then all agree). One batch of decoded images in memory at a time."""
     from PIL import Image
 
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if files is not None:
+        found = [Path(path) / f for f in files]
+        absent = [f for f in found if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} listed reference images are missing under {path} (first: "
+                                    f"{absent[0].name})")
+    else:
+        found = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = found[:limit]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
     first = None
@@ -84,7 +154,7 @@ def iter_image_folder(path: str | Path, size: int | None = None, limit: int | No
         arrs = []
         for f in files[start:start + batch_size]:
             with Image.open(f) as im:
-                arrs.append(np.asarray(_center_crop_resize(im, size), dtype=np.uint8))
+                arrs.append(clean_resize(im) if clean else np.asarray(_center_crop_resize(im, size), dtype=np.uint8))
             first = first or (arrs[-1].shape, f)
             if arrs[-1].shape != first[0]:
                 raise ValueError(f"images under {path} differ in size ({first[1].name}: {first[0]}, {f.name}: "
@@ -201,8 +271,9 @@ class RealSet:
     batch at a time; an ``.npz`` is loaded whole (numpy cannot read part of a compressed array).
     """
 
-    def __init__(self, path: str | Path, size: int | None = None, limit: int | None = None) -> None:
-        self.path, self.size, self.limit = Path(path), size, limit
+    def __init__(self, path: str | Path, size: int | None = None, limit: int | None = None,
+                 files: list[str] | None = None, clean: bool = False) -> None:
+        self.path, self.size, self.limit, self.files, self.clean = Path(path), size, limit, files, clean
         self.stats: dict[str, np.ndarray] = {}
         self._store = None
         self.is_store = False
@@ -245,7 +316,7 @@ class RealSet:
                 yield to_uint8(x[:left])
                 left -= len(x)
         else:
-            yield from iter_image_folder(self.path, self.size, self.limit, batch_size)
+            yield from iter_image_folder(self.path, self.size, self.limit, batch_size, self.files, self.clean)
 
     def _npz_images(self) -> torch.Tensor:
         with np.load(self.path) as data:
@@ -339,6 +410,8 @@ def reference_fix(path: str | Path) -> str:
     url = KNOWN_REFERENCES.get(Path(path).name)
     if url:
         return f"wget {url} -O {path}"
+    if Path(path).name == "val2014":  # COCO 2014 validation images
+        return f"wget http://images.cocodataset.org/zips/val2014.zip && unzip val2014.zip -d {Path(path).parent}"
     return "prepare it as docs/metrics.md (section 'Reference sets') describes, or point the metric's reference: at it"
 
 

@@ -14,7 +14,10 @@ Options (``eval.metrics`` entries, e.g. ``{fid: {reference: /data/VIRTUAL_imagen
 ``batch_size`` (images per Inception call, and per read), ``device`` (``auto`` = cuda if available), ``progress``,
 ``cache_dir`` (feature cache; default: ``features/`` in the sample store when the samples are on disk,
 ``$ORBITQUANT_FEATURE_CACHE``, else ``~/.cache/orbitquant/features``),
-``resolution`` (reference folder images), ``limit`` (use the first N reference images), ``k`` (precision/recall,
+``resolution`` (reference folder images), ``limit`` (use the first N reference images), ``reference_files`` (a
+list naming the reference folder's images to use, in order: a ``.jsonl`` with ``file_name`` per record -- the COCO
+prompt file, so the references are the images of the captions generated -- or one name per line), ``preprocess``
+(``adm`` default | ``clean``: see :data:`PREPROCESS`), ``k`` (precision/recall,
 default 3), ``split_size`` (Inception Score, default 5000 as ADM), ``shuffle`` (Inception Score: seed of the
 permutation its splits are taken from, default 0; ``null`` keeps sample order -- see ``stats.inception_score``).
 """
@@ -36,15 +39,22 @@ from . import stats
 from .base import Metric, SampleSource, work_dir
 from .features import (
     INCEPTION_SHA256,
+    CleanResize,
     InceptionV3,
     RealSet,
     extract,
     find_inception_weights,
     image_folder_need,
     inception_fix,
+    reference_files,
     reference_fix,
     resolve_device,
 )
+
+#: how images reach the Inception: ``adm`` -- uint8 as they are, resized to 299 inside the network with
+#: TF1-bilinear (ADM's evaluator, torch-fidelity; the ImageNet protocol); ``clean`` -- clean-fid's antialiased
+#: bicubic resize to 299 first, the same path for samples and reference images (text-to-image protocols)
+PREPROCESS = ("adm", "clean")
 
 
 def default_feature_cache() -> Path:
@@ -70,15 +80,20 @@ class FeatureContext:
         self._pr: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extractor(self, metric: InceptionMetric) -> torch.nn.Module:
-        key = id(metric.extractor_module) if metric.extractor_module is not None else metric.inception_weights
-        if key not in self._extractors:
-            self._extractors[key] = metric.extractor_module or InceptionV3(metric.inception_weights)
-        return self._extractors[key]
+        base = id(metric.extractor_module) if metric.extractor_module is not None else metric.inception_weights
+        if (base, metric.preprocess) not in self._extractors:
+            if (base, "adm") not in self._extractors:
+                self._extractors[base, "adm"] = metric.extractor_module or InceptionV3(metric.inception_weights)
+            if metric.preprocess == "clean":
+                self._extractors[base, "clean"] = CleanResize(self._extractors[base, "adm"])
+        return self._extractors[base, metric.preprocess]
 
     def real(self, metric: InceptionMetric) -> RealSet:
-        key = (str(metric.reference), metric.resolution, metric.limit)
+        key = (str(metric.reference), metric.resolution, metric.limit, metric.reference_files, metric.preprocess)
         if key not in self._reals:
-            self._reals[key] = RealSet(metric.reference, metric.resolution, metric.limit)
+            files = reference_files(metric.reference_files) if metric.reference_files else None
+            self._reals[key] = RealSet(metric.reference, metric.resolution, metric.limit, files,
+                                       clean=metric.preprocess == "clean")
         return self._reals[key]
 
     def sample_features(self, metric: InceptionMetric, samples: SampleSource, desc: str) -> dict[str, torch.Tensor]:
@@ -95,7 +110,7 @@ class FeatureContext:
     def real_features(self, metric: InceptionMetric, real: RealSet) -> dict[str, torch.Tensor]:
         """Features of a reference set, cached on disk under the reference's checksum (no image decoding on a hit)."""
         net = self.extractor(metric)
-        key = (net.identity, str(real.path), real.size, real.limit)
+        key = (net.identity, str(real.path), real.size, real.limit, tuple(real.files or ()), real.clean)
         if key not in self._features:
             cache = Path(metric.cache_dir) if metric.cache_dir is not None else default_feature_cache()
             path = cache / f"{net.identity}-ref-{_reference_id(real)}.npz"
@@ -125,8 +140,12 @@ class FeatureContext:
 
 
 def _reference_id(real: RealSet) -> str:
-    h = hashlib.sha256(f"{real.size}|{real.limit}".encode())
-    if real.is_store:  # its shards' checksums (the folder also holds derived files: features, previews)
+    h = hashlib.sha256(f"{real.size}|{real.limit}|{real.clean}".encode())
+    if real.files is not None:  # a list (COCO: the images of the captions used): those files, in that order
+        for f in real.files[:real.limit]:
+            st = (real.path / f).stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    elif real.is_store:  # its shards' checksums (the folder also holds derived files: features, previews)
         h.update(real.store.fingerprint().encode())
     elif real.path.is_file():
         from .features import file_checksum
@@ -148,7 +167,14 @@ class InceptionMetric(Metric):
     def __init__(self, reference: str | None = None, inception_weights: str | None = None, batch_size: int = 50,
                  device: str = "auto", progress: bool = True, cache_dir: str | None = None,
                  resolution: int | None = None, limit: int | None = None, k: int = 3, split_size: int = 5000,
+                 preprocess: str = "adm", reference_files: str | None = None,
                  extractor: torch.nn.Module | None = None) -> None:
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"metric {self.name}: preprocess={preprocess!r}; valid: {', '.join(PREPROCESS)}")
+        if preprocess == "clean" and resolution is not None:
+            raise ValueError(f"metric {self.name}: preprocess=clean resizes every image straight to 299 px "
+                             "(clean-fid); drop resolution")
+        self.preprocess, self.reference_files = preprocess, reference_files
         self.reference = reference
         self.inception_weights = inception_weights
         self.batch_size, self.device, self.progress = batch_size, device, progress
@@ -185,7 +211,14 @@ class InceptionMetric(Metric):
         elif (ref / STORE_FILE).is_file():
             out.append(dir_need("reference sample store", ref, fix, contains=[STORE_FILE]))
         else:
-            out.append(image_folder_need("reference images", ref, fix))
+            files = None
+            if self.reference_files:
+                if not Path(self.reference_files).is_file():
+                    return [*out, image_folder_need("reference images", ref, fix),
+                            file_need("reference list (the images of the captions used)", self.reference_files,
+                                      "the .jsonl of scripts/make_coco_prompts.py (docs/metrics.md, 'Reference sets')")]
+                files = reference_files(self.reference_files)
+            out.append(image_folder_need("reference images", ref, fix, files=files))
         return out
 
     # -- helpers
