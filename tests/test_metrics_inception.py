@@ -297,30 +297,9 @@ def test_check_names_missing_weights_and_references(tmp_path, monkeypatch):
 def test_torch_fidelity_inception_architecture_with_random_weights(tmp_path):
     """The production extractor: torch-fidelity's network loaded from a weights file (Kaiming-random here; default
     init gives ~0 features), with the sFID hook on Mixed_6d.branch1x1."""
-    from orbitquant.metrics.features import InceptionV3, import_torch_fidelity_inception
+    from orbitquant.metrics.features import InceptionV3, write_random_inception_weights
 
-    cls = import_torch_fidelity_inception()
-    orig = cls.load_state_dict
-    cls.load_state_dict = lambda self, sd, *a, **k: None  # build once without weights to get the exact keys
-    try:
-        net = cls("x", ["2048"], feature_extractor_weights_path=str(tmp_path / "unused"))
-    except FileNotFoundError:
-        import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-        real_load = fe.torch.load
-        fe.torch.load = lambda *a, **k: {}
-        try:
-            net = cls("x", ["2048"], feature_extractor_weights_path=str(tmp_path / "unused"))
-        finally:
-            fe.torch.load = real_load
-    finally:
-        cls.load_state_dict = orig
-    torch.manual_seed(0)
-    for mod in net.modules():
-        if isinstance(mod, nn.Conv2d):
-            nn.init.kaiming_normal_(mod.weight)
-    path = tmp_path / INCEPTION_FILE
-    torch.save(net.state_dict(), path)
+    path = write_random_inception_weights(tmp_path / INCEPTION_FILE)
     inc = InceptionV3(path)
     x = to_uint8(_images(3, 5, size=32))
     with torch.no_grad():

@@ -434,6 +434,31 @@ def image_folder_need(what: str, path: str | Path, fix: str, files: list[str] | 
     return Need(what, str(p), True, fix)
 
 
+def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """A weights file for torch-fidelity's InceptionV3 with seeded Kaiming-random convolutions (the default init gives
+    ~0 features): the real architecture and code path without the real weights -- CPU cross-checks
+    (``scripts/crosscheck_metrics.py --cpu``) and tests. Its features mean nothing; agreement between
+    implementations on them does."""
+    cls = import_torch_fidelity_inception()
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    real_load, real_sd = fe.torch.load, cls.load_state_dict
+    fe.torch.load, cls.load_state_dict = (lambda *a, **k: {}), (lambda self, sd, *a, **k: None)
+    try:  # build once without loading anything, to get the exact modules and keys
+        net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    finally:
+        fe.torch.load, cls.load_state_dict = real_load, real_sd
+    g = torch.Generator().manual_seed(seed)
+    for mod in net.modules():
+        if isinstance(mod, nn.Conv2d):
+            fan_in = mod.weight[0].numel()
+            mod.weight.data = torch.randn(mod.weight.shape, generator=g) * (2 / fan_in) ** 0.5
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
 class InceptionV3(nn.Module):
     """torch-fidelity's TF-exact InceptionV3 (TF bilinear resize to 299) returning ``pool3`` (2048, FID and
     precision/recall), ``logits_unbiased`` (1008, Inception Score) and ``spatial`` (2023 = the first 7 channels of
