@@ -10,3 +10,10 @@ torch.set_num_threads(1)
 # the switch must be set before triton is first imported (its library functions are decorated at import).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch-fidelity (installed --no-deps for the metric tests) is imported by torchmetrics and imports torchvision: the
+# harness registers its package without running its __init__ when orbitquant.metrics is imported; do it before any
+# test module imports torchmetrics directly
+from orbitquant.metrics.features import prepare_torch_fidelity  # noqa: E402
+
+prepare_torch_fidelity()
