@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from orbitquant import plan as P
-from orbitquant.plan.checklist import _check_weights
+from orbitquant.plan.checklist import model_needs
 from orbitquant.plan.sweep import _axis_writes, _Composer, _overlap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,14 +302,56 @@ def test_ceiling_and_measured_quant_overhead_come_from_the_bench_file():
 def test_missing_weights_are_a_failed_check_not_a_crash():
     plan = P.make_plan(["experiment=wan21_vbench", "model.path=/nonexistent/wan", "quant=orbit", "bits=w4a4",
                         "seed=0"])
-    weights = [c for c in plan.checklist if c.what.startswith("weights of model=wan21")]
+    weights = [c for c in plan.checklist if c.what == "model=wan21"]  # the adapter's need, worded as preflight's
     assert len(weights) == 1 and not weights[0].ok and "/nonexistent/wan" in weights[0].reason
-    assert any(c.what.startswith("metrics vbench_") for c in plan.checklist)
-    assert "✗ weights of model=wan21" in P.render(plan)
+    assert "hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in weights[0].reason  # the fix
+    assert any("vbench_" in c.what and not c.ok for c in plan.checklist)
+    assert "✗ model=wan21: weights path /nonexistent/wan (not found); fix: " in P.render(plan)
 
 
 def test_random_init_needs_no_weights():
-    assert _check_weights({"adapter": "wan", "name": "wan21", "init": "random"}).ok
+    needs = model_needs({"adapter": "wan", "name": "wan21", "init": "random"})
+    assert needs and all(n.ok for n in needs) and "random weights" in needs[0].where
+    (bad,) = model_needs({"adapter": "nosuch", "name": "x"})  # a model that does not build: a line, not a crash
+    assert not bad.ok and bad.what == "model=x"
+
+
+def test_checklist_is_the_preflight_of_every_job_each_item_once(tmp_path, monkeypatch):
+    """The plan lists the same items as ``run.py preflight=true`` (preflight.collect + prompt files), once across a
+    sweep, naming the metrics that need them: a mu/sigma-only .npz fails sFID's key check; a metric with a bad option
+    is a failed line, not a crash."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from orbitquant import preflight
+    from orbitquant.data import prompt_file_need
+    from orbitquant.factory import build_adapter, build_metrics
+
+    monkeypatch.setenv("ORBITQUANT_HASH_CACHE", str(tmp_path / "sha256.json"))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2), sigma=np.eye(2))
+    fid = [f"eval.metrics.fid.reference={ref}", "++eval.metrics.fid.limit=null", f"+eval.metrics.sfid.reference={ref}"]
+    plan = P.make_plan(["model=flux1_dev", "eval=coco_fid_clip", "quant=orbit,rtn", "bits=w4a8,w4a4", *fid,
+                        "+eval.metrics.isc={}", "+eval.metrics.precision={}"])
+    assert len(plan.jobs) == 4
+    items = [(c.what.split(" [")[0], c.reason) for c in plan.checklist]
+    assert len(items) == len(set(items)), items  # four jobs, each item once
+    lines = {c.what: c for c in plan.checklist}
+    with initialize_config_dir(config_dir=str(P.CONF), version_base="1.3"):
+        cfg = P.plain_config(compose(config_name="config", overrides=["model=flux1_dev", "eval=coco_fid_clip",
+                                                                      "quant=rtn", *fid], return_hydra_config=True))
+    run = preflight.collect(build_adapter(cfg["model"]), build_metrics(cfg["eval"]["metrics"]))
+    run.append(prompt_file_need(cfg["eval"]["protocol"]["prompts"], "coco_fid_clip"))
+    for n in run:
+        (line,) = [c for w, c in lines.items() if w.split(" [")[0] == n.what and c.reason.startswith(n.where)]
+        assert line.ok == n.ok, (line, n)
+    (npz,) = [c for c in plan.checklist if c.what.startswith("reference .npz with mu_s+sigma_s")]
+    assert not npz.ok and "has mu, sigma" in npz.reason and "[sfid]" in npz.what
+    assert any(c.what.startswith("reference .npz with mu+sigma") and c.ok for c in plan.checklist)
+    (inc,) = [c for c in plan.checklist if c.what.startswith("InceptionV3 weights")]
+    assert inc.what.endswith("[fid, sfid, isc]")  # one line for every metric that needs the file
+    (bad,) = [c for c in plan.checklist if c.what.startswith("metric precision")]
+    assert bad.what == "metric precision (eval=coco_fid_clip)" and not bad.ok and "needs `reference:`" in bad.reason
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

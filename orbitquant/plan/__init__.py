@@ -32,7 +32,7 @@ Measured timings replace the projection through forward-timing records under ``r
 * ``protocol``: one eval / calibration protocol on one model, priced (``ProtocolCost``);
 * ``memory``: the host-memory outline of one run;
 * ``planner``: the plan of a sweep (``make_plan``): runs, fp references and calibrations deduplicated as run.py does;
-* ``checklist``: what a sweep needs (weights, metrics' ``check()``, prompt files), one line each;
+* ``checklist``: what a sweep needs (the preflight items of its models, metrics and prompt files), one line each;
 * ``report``: the text / markdown table and ``--json``; ``scale``: docs/scale.md; ``fmt``: number formatting;
   ``base``: paths, defaults and ``PlanError``.
 """
