@@ -141,6 +141,9 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
         title = f"preflight {os.path.relpath(hydra_cfg.runtime.output_dir)}"
         print(preflight.render(fresh, title) if fresh else f"{title}: nothing new (listed above)")
         return None
+    if c["device"] == "cpu" and getattr(adapter, "heavy", False):
+        print(f"note: model={adapter.name} runs on the CPU (no CUDA device here): a real family at its protocol takes "
+              "hours per sample on a CPU; run on a GPU node, or try model.init=random with a smoke eval for a dry run")
     if preflight.missing(needs):
         sys.exit(preflight.error_text(needs))
     run = Run(cfg, c, RunDir(Path(hydra_cfg.runtime.output_dir)), adapter, qcfg, metrics, protocol, needs_calib,
@@ -157,9 +160,6 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
             check_owner(run.dir.samples_dir, run.hash)
         except StoreError as e:
             sys.exit(f"error: {e}")
-    if c["device"] == "cpu" and getattr(adapter, "heavy", False):
-        print(f"note: model={adapter.name} runs on the CPU (no CUDA device here): a real family at its protocol takes "
-              "hours per sample on a CPU; run on a GPU node, or try model.init=random with a smoke eval for a dry run")
     return run
 
 

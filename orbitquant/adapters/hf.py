@@ -58,6 +58,9 @@ def checkpoint_need(name: str, repo_id: str, path: str | None = None, allow_down
     except WeightsNotFound:
         if allow_download and not path:
             return Need(what, f"{repo_id} weights (model.download=true: fetched from the hub at load)", True)
-        where = f"weights path {Path(path).expanduser()}" if path else \
-            f"{repo_id} weights in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-        return Need(what, where, False, f"download with {download_fix(repo_id)}", "not found")
+        if path:
+            return Need(what, f"weights path {Path(path).expanduser()}", False,
+                        f"point model.path at the downloaded {repo_id} directory (`hf download {repo_id} --local-dir "
+                        "<dir>`)", "not found")
+        return Need(what, f"{repo_id} weights in the Hugging Face cache ({constants.HF_HUB_CACHE})", False,
+                    f"download with {download_fix(repo_id)}", "not found")

@@ -45,6 +45,7 @@ from .features import (
     extract,
     find_inception_weights,
     image_folder_need,
+    import_torch_fidelity_inception,
     inception_fix,
     reference_files,
     reference_fix,
@@ -159,6 +160,18 @@ def _reference_id(real: RealSet) -> str:
     return h.hexdigest()[:24]
 
 
+def torch_fidelity_need():
+    """torch-fidelity's Inception module importable the way the harness imports it (without torchvision)."""
+    from ..preflight import Need
+
+    what, fix = "torch-fidelity (InceptionV3 code)", "pip install --no-deps torch-fidelity==0.4.0"
+    try:
+        import_torch_fidelity_inception()
+    except Exception as e:  # noqa: BLE001 - not installed, or broken: either way a missing item with its reason
+        return Need(what, "python module torch_fidelity", False, fix, f"{type(e).__name__}: {str(e)[:120]}")
+    return Need(what, "python module torch_fidelity.feature_extractor_inceptionv3", True, fix)
+
+
 class InceptionMetric(Metric):
     context_cls = FeatureContext
     feature: str = "pool3"
@@ -187,15 +200,14 @@ class InceptionMetric(Metric):
     npz_keys: tuple[tuple[str, ...], ...] = (("arr_0",), ("images",))
 
     def needs(self) -> list:
-        from ..preflight import dir_need, file_need, module_need, npz_need
+        from ..preflight import dir_need, file_need, npz_need
 
         out = []
         if self.extractor_module is None:
             path = find_inception_weights(self.inception_weights, strict=False)
             out.append(file_need("InceptionV3 weights (torch-fidelity)", path, inception_fix(path),
                                  sha256=INCEPTION_SHA256))
-            out.append(module_need("torch-fidelity (InceptionV3 code)", "torch_fidelity",
-                                   "pip install --no-deps torch-fidelity==0.4.0"))
+            out.append(torch_fidelity_need())
         if not self.uses_real:
             return out
         if self.reference is None:
