@@ -70,7 +70,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         stream = ((p[start:start + bytes_per_chunk, None] >> bit) & 1).reshape(-1)
         stream = stream[: (stream.numel() // bits) * bits].view(-1, bits)
         out.append((stream * weights).sum(dim=1))
-    return torch.cat(out)[:n].long()
+    return torch.cat(out)[:n].long() if out else torch.zeros(0, dtype=torch.long, device=p.device)
 
 
 # ------------------------------------------------------------------------------------- uniform fake-quant

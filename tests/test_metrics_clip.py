@@ -128,7 +128,9 @@ def test_clip_anytorch_architecture_and_tokenizer_random_weights(tmp_path):
                                     transformer_heads=1, transformer_layers=2)
     path = tmp_path / "tiny_clip.pt"
     torch.save(tiny.state_dict(), path)
-    m = CLIPScore(weights=str(path), progress=False)
+    with pytest.raises(FileNotFoundError, match="sha256 .* is not the published 40d36571"):
+        CLIPScore(weights=str(path)).check()  # not OpenAI's file: refused unless told so
+    m = CLIPScore(weights=str(path), progress=False, verify_sha256=False)
     m.check()
     r = m.compute(_samples(), None, None)
     assert len(r.extra["per_sample"]) == 4 and all(0 <= v <= 100 for v in r.extra["per_sample"])

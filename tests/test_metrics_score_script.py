@@ -58,7 +58,7 @@ def test_score_script_errors_name_the_fix(tmp_path):
     run, _, _ = _run_dir(tmp_path)
     with pytest.raises(SystemExit, match="fp reference samples are needed"):
         score.main([str(run)])  # the cached reference for this config does not exist
-    with pytest.raises(SystemExit, match="InceptionV3 weights not found at .*w.pth"):
+    with pytest.raises(SystemExit, match=r"InceptionV3 weights \(torch-fidelity\) .*w.pth \(not found\)"):
         score.main([str(run), "--metrics", "sfid", "--set", "sfid.reference=" + str(tmp_path / "missing_ref"),
                     "--set", "sfid.inception_weights=" + str(tmp_path / "w.pth")])
     with pytest.raises(SystemExit, match="not being scored"):

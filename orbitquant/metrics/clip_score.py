@@ -8,7 +8,8 @@ offsets (:func:`preprocess`). Install: ``pip install --no-deps clip-anytorch ftf
 
 Options: ``model`` (``ViT-B/32`` default, ``ViT-L/14``), ``weights`` (a local file: OpenAI's TorchScript archive or a
 state dict; default ``~/.cache/clip/<ViT-B-32.pt|ViT-L-14.pt>``, clip's own download location), ``batch_size``,
-``device``, ``progress``. Tests pass ``clip_model=`` / ``tokenizer=`` objects instead.
+``device``, ``progress``, ``verify_sha256`` (default true: the weights must be OpenAI's file, checked against the
+sha256 in its URL). Tests pass ``clip_model=`` / ``tokenizer=`` objects instead.
 
 Samples are read ``batch_size`` images (video frames) at a time; CLIP sees the frames in consecutive groups of
 ``batch_size`` as before streaming (``base.rebatch``), so the scores are the same.
@@ -154,8 +155,10 @@ class CLIPScore(Metric):
 
     def __init__(self, model: str = "ViT-B/32", weights: str | None = None, batch_size: int = 32,
                  device: str = "auto", progress: bool = True, clip_model: torch.nn.Module | None = None,
-                 tokenizer=None) -> None:
-        self.model, self.weights = model, weights
+                 tokenizer=None, verify_sha256: bool = True) -> None:
+        """``verify_sha256``: check the weights against OpenAI's published digest (preflight); false for a file of
+        your own (a converted state dict, random weights in tests)."""
+        self.model, self.weights, self.verify_sha256 = model, weights, verify_sha256
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self._model, self._tokenizer = clip_model, tokenizer
 
@@ -166,7 +169,7 @@ class CLIPScore(Metric):
         if self._model is None:
             path = clip_weights_path(self.model, self.weights)
             out.append(file_need(f"CLIP {self.model} weights (OpenAI)", path, f"wget {CLIP_URLS[self.model]} -O {path}",
-                                 sha256=clip_sha256(self.model)))
+                                 sha256=clip_sha256(self.model) if self.verify_sha256 else None))
         if self._model is None or self._tokenizer is None:
             out.append(module_need("clip-anytorch (CLIP model code, tokenizer)", "clip",
                                    "pip install --no-deps clip-anytorch==2.6.0 ftfy regex"))

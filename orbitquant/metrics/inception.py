@@ -17,7 +17,8 @@ Options (``eval.metrics`` entries, e.g. ``{fid: {reference: /data/VIRTUAL_imagen
 ``resolution`` (reference folder images), ``limit`` (use the first N reference images), ``reference_files`` (a
 list naming the reference folder's images to use, in order: a ``.jsonl`` with ``file_name`` per record -- the COCO
 prompt file, so the references are the images of the captions generated -- or one name per line), ``preprocess``
-(``adm`` default | ``clean``: see :data:`PREPROCESS`), ``k`` (precision/recall,
+(``adm`` default | ``clean``: see :data:`PREPROCESS`), ``verify_sha256`` (default true: the weights must be
+torch-fidelity's file, checked against its published sha256), ``k`` (precision/recall,
 default 3), ``split_size`` (Inception Score, default 5000 as ADM), ``shuffle`` (Inception Score: seed of the
 permutation its splits are taken from, default 0; ``null`` keeps sample order -- see ``stats.inception_score``).
 """
@@ -180,14 +181,14 @@ class InceptionMetric(Metric):
     def __init__(self, reference: str | None = None, inception_weights: str | None = None, batch_size: int = 50,
                  device: str = "auto", progress: bool = True, cache_dir: str | None = None,
                  resolution: int | None = None, limit: int | None = None, k: int = 3, split_size: int = 5000,
-                 preprocess: str = "adm", reference_files: str | None = None,
+                 preprocess: str = "adm", reference_files: str | None = None, verify_sha256: bool = True,
                  extractor: torch.nn.Module | None = None) -> None:
         if preprocess not in PREPROCESS:
             raise ValueError(f"metric {self.name}: preprocess={preprocess!r}; valid: {', '.join(PREPROCESS)}")
         if preprocess == "clean" and resolution is not None:
             raise ValueError(f"metric {self.name}: preprocess=clean resizes every image straight to 299 px "
                              "(clean-fid); drop resolution")
-        self.preprocess, self.reference_files = preprocess, reference_files
+        self.preprocess, self.reference_files, self.verify_sha256 = preprocess, reference_files, verify_sha256
         self.reference = reference
         self.inception_weights = inception_weights
         self.batch_size, self.device, self.progress = batch_size, device, progress
@@ -206,7 +207,7 @@ class InceptionMetric(Metric):
         if self.extractor_module is None:
             path = find_inception_weights(self.inception_weights, strict=False)
             out.append(file_need("InceptionV3 weights (torch-fidelity)", path, inception_fix(path),
-                                 sha256=INCEPTION_SHA256))
+                                 sha256=INCEPTION_SHA256 if self.verify_sha256 else None))
             out.append(torch_fidelity_need())
         if not self.uses_real:
             return out

@@ -13,8 +13,8 @@ from .protocol import ProtocolCost
 #: Reference-set sizes for Inception metrics when the reference is not on this machine (the metric's ``limit`` wins).
 NOMINAL_REAL_SET: dict[str, tuple[int, int, str]] = {  # eval name -> (images, side in px, source)
     "imagenet": (10_000, 256, "ADM VIRTUAL_imagenet256_labeled.npz arr_0: 10,000 256^2 images"),
-    "coco_fid_clip": (5_000, 512, "COCO 2014 val, limit 5000, resized to 512"),
-    "mjhq": (30_000, 512, "MJHQ-30K: 30,000 images, resized to 512"),
+    "coco_fid_clip": (5_000, 299, "the 5,000 COCO 2014 val images of the captions used, clean-resized to 299"),
+    "mjhq": (30_000, 299, "MJHQ-30K: 30,000 images, clean-resized to 299"),
 }
 #: Inception features kept per image by the FID/sFID/IS/precision/recall context: pool3 2048 + logits 1008 +
 #: spatial 2023 float32 (orbitquant/metrics/features.py InceptionV3.outputs).

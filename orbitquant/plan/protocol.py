@@ -16,7 +16,7 @@ NOMINAL_PROMPTS: dict[str, tuple[int, str]] = {
     "geneval": (553, "GenEval prompts/generation_prompts.txt (conf/eval/geneval.yaml)"),
     "vbench": (946, "VBench standard suite all_dimension.txt (conf/eval/vbench.yaml)"),
     "vbench_quick": (32, "<= 4 prompts x 8 dimensions, quick.txt (conf/eval/vbench_quick.yaml)"),
-    "coco_fid_clip": (5000, "first 5000 COCO 2014 val captions (conf/eval/coco_fid_clip.yaml)"),
+    "coco_fid_clip": (5000, "5000 COCO 2014 val images, one caption each (scripts/make_coco_prompts.py)"),
     "mjhq": (5000, "5000 MJHQ-30K prompts (conf/eval/mjhq.yaml)"),
 }
 
