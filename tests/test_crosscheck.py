@@ -1,7 +1,7 @@
 """The CPU part of the metric cross-check (scripts/crosscheck_metrics.py --cpu): our whole Inception-metric path --
 a sample store on disk, uint8 reads, batching, the feature cache, the adm and clean preprocessings -- agrees with
-the reference arithmetic that runs here (torchmetrics' FID and IS, clean-fid's resize, ADM's Fréchet and k-NN
-arithmetic) on torch-fidelity's real InceptionV3 architecture with seeded random weights."""
+the reference arithmetic that runs here (torchmetrics' FID and IS, clean-fid's resize, ADM's k-NN manifolds) on
+torch-fidelity's real InceptionV3 architecture with seeded random weights."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_cpu_crosscheck_agrees_with_the_reference_implementations(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # ~32 Inception forwards at 299 px: the one test here that profits from both cores
     try:
-        rows = cpu_check(tmp_path)
+        rows = cpu_check(tmp_path, scipy_rows=False)  # scipy's 2048-d sqrtm: 28 s, compared elsewhere
     finally:
         torch.set_num_threads(threads)
     assert {r.metric for r in rows} == {"fid", "sfid", "isc", "precision", "recall", "fid (clean)"}
