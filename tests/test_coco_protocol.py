@@ -1,5 +1,5 @@
 """The COCO text-to-image protocol: its prompt file names the image of each caption, and FID's reference is those
-images (scripts/make_coco_prompts.py, data.load_prompts on .jsonl, features.reference_files)."""
+images (scripts/make_coco_prompts.py, data.load_prompts on .jsonl, references.reference_files)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from orbitquant.data import load_prompts
-from orbitquant.metrics.features import reference_files
+from orbitquant.metrics.references import reference_files
 
 REPO = Path(__file__).resolve().parents[1]
 

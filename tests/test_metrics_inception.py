@@ -194,9 +194,9 @@ def test_t2i_fid_has_one_preprocessing_path_and_the_references_of_the_captions_u
 
 
 def test_clean_resize_is_clean_fids_resize_rounded():
-    """``features.clean_resize`` = clean-fid's "clean" resize (float PIL bicubic per channel, clipped), rounded to
+    """``references.clean_resize`` = clean-fid's "clean" resize (float PIL bicubic per channel, clipped), rounded to
     uint8 for torch-fidelity's Inception; non-square images are centre-cropped first."""
-    from orbitquant.metrics.features import clean_resize
+    from orbitquant.metrics.references import clean_resize
 
     cleanfid_resize = pytest.importorskip("cleanfid.resize", reason="clean-fid: pip install --no-deps clean-fid")
     g = np.random.default_rng(0)

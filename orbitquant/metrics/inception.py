@@ -40,18 +40,14 @@ from . import stats
 from .base import Metric, SampleSource, work_dir
 from .features import (
     INCEPTION_SHA256,
-    CleanResize,
     InceptionV3,
-    RealSet,
     extract,
     find_inception_weights,
-    image_folder_need,
     import_torch_fidelity_inception,
     inception_fix,
-    reference_files,
-    reference_fix,
     resolve_device,
 )
+from .references import CleanResize, RealSet, image_folder_need, reference_files, reference_fix
 
 #: how images reach the Inception: ``adm`` -- uint8 as they are, resized to 299 inside the network with
 #: TF1-bilinear (ADM's evaluator, torch-fidelity; the ImageNet protocol); ``clean`` -- clean-fid's antialiased

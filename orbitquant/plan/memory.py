@@ -92,14 +92,14 @@ def memory_outline(cost: ProtocolCost, metrics: list, dtype: str, eval_name: str
 def _reference_decode(metrics: list, n: int, side: int) -> tuple[int, str]:
     """Host bytes the first feature extraction of a real reference set holds as decoded images: an ``.npz`` batch's
     ``arr_0`` is one array (``np.load`` reads it whole); a folder is decoded one batch at a time where
-    ``metrics.features`` streams folders (``iter_image_folder``), else whole. Later runs read cached features."""
-    from ..metrics import features
+    ``metrics.references`` streams folders (``iter_image_folder``), else whole. Later runs read cached features."""
+    from ..metrics import references
 
     whole = n * 3 * side * side
     if any(str(m.reference).endswith(".npz") for m in metrics):
         return whole, (f"first scoring against this reference loads its {n:,} x 3 x {side}^2 uint8 images (npz arr_0 "
                        "is read whole); later runs read the cached features")
-    if hasattr(features, "iter_image_folder"):
+    if hasattr(references, "iter_image_folder"):
         bs = max(int(getattr(m, "batch_size", 50) or 50) for m in metrics)
         return bs * 3 * side * side, (f"first scoring decodes the reference folder {bs} images at a time "
                                       f"({bs} x 3 x {side}^2 uint8); later runs read the cached features")
