@@ -53,7 +53,13 @@ def test_quantized_tiny_pipeline_generates_finite_images(adapter_name):
         assert s.images.shape[1] == kw["num_frames"]
 
 
-@pytest.mark.parametrize("model, eval_", sorted((m, e) for m, e, _ in TINY.values()))
+#: the whole method sweep on two more families (~27 s each) runs under -m slow; their adapters, roles and sampling are
+#: still in the default run (test above and test_adapters.py), and flux / wan sweep the same t2i / t2v protocols here
+SWEEP_SLOW = {"tiny_cogvideox", "tiny_zimage"}
+
+
+@pytest.mark.parametrize("model, eval_", [pytest.param(m, e, marks=[pytest.mark.slow] if m in SWEEP_SLOW else [])
+                                          for m, e in sorted((m, e) for m, e, _ in TINY.values())])
 def test_run_every_method_on_tiny_family(model, eval_, tmp_path):
     # calibrated methods calibrate on the family's smoke calib protocol (same name as the eval)
     _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant,vidit_q,ptq4dit", f"eval={eval_}",
