@@ -288,7 +288,9 @@ def torch_fidelity_rows(mine: dict, fake_dir: Path, ref: str, weights: str | Non
                             isc_splits=max(1, n // split_size), cuda=torch.cuda.is_available(), **kw)
     theirs = {"fid": out.get("frechet_inception_distance"), "isc": out.get("inception_score_mean"),
               "precision": out.get("precision"), "recall": out.get("recall")}
-    return [Row(m, mine[m], f"torch-fidelity {torch_fidelity.__version__}", theirs[m], 1e-3,
+    # IS: torch-fidelity splits its own seeded permutation and ours another, so split noise (~1% at 2 splits of
+    # 5,000) separates them; the other metrics do not depend on order
+    return [Row(m, mine[m], f"torch-fidelity {torch_fidelity.__version__}", theirs[m], 2e-2 if m == "isc" else 1e-3,
                 "its IS splits its own permutation" if m == "isc" else "") for m in theirs if m in mine]
 
 
