@@ -23,6 +23,9 @@ from .registry import METHODS
 from .types import LayerRef
 
 
+ADALN_TREATMENT = "int4_g64 wo"  # the shared adaLN policy (INT4 g64 weight-only), the same for every method
+
+
 @dataclass
 class LayerRecord:
     """What happened to one linear layer."""
@@ -41,6 +44,11 @@ class LayerRecord:
     sqnr_db: float | None = None  # -20 log10 rel_err
     ks_rot: float | None = None  # KS distance of rotated, normalized input coordinates (x sqrt(d)) to N(0, 1)
     ks_raw: float | None = None  # the same before the rotation (layers with a rotation only)
+    #: measured bits per weight: the layer's saved state (codes, scales, zero points, low-rank branches, per-range
+    #: copies; bias excluded) over its in x out weights -- not the label's w_bits
+    w_bits_eff: float | None = None
+    #: measured bits per input-activation element: the code plus per-token / per-group side information
+    a_bits_eff: float | None = None
 
 
 @dataclass
@@ -83,6 +91,7 @@ class QuantReport:
             "linear_bytes_src": src,
             "linear_bytes_quant": q,
             "compression": src / q if q else None,
+            **self.effective_bits(),
             "mean_rel_err": sum(errs) / len(errs) if errs else None,
             "max_rel_err": max(errs) if errs else None,
             **self._diagnostics(),
@@ -93,6 +102,18 @@ class QuantReport:
             "runtime": self.runtime,
             "linear_bytes_resident": self.resident_bytes,
         }
+
+    def effective_bits(self) -> dict:
+        """Measured bits over the linears the method quantizes (skipped ones and the shared adaLN policy are the same
+        for every method): per weight (weighted by each layer's weights) and per activation element (weighted by
+        each layer's input width) -- what iso-bit comparisons read instead of the nominal W/A label."""
+        qs = [r for r in self.layers if r.treatment not in ("skip", ADALN_TREATMENT) and r.w_bits_eff is not None]
+        if not qs:
+            return {"eff_w_bits": None, "eff_a_bits": None}
+        w = sum(r.w_bits_eff * r.in_features * r.out_features for r in qs) / sum(r.in_features * r.out_features
+                                                                                 for r in qs)
+        a = sum(r.a_bits_eff * r.in_features for r in qs) / sum(r.in_features for r in qs)
+        return {"eff_w_bits": round(w, 3), "eff_a_bits": round(a, 3)}
 
     def _diagnostics(self) -> dict:
         """Mean/min SQNR and mean/max KS over the measured layers (None where no layer has them)."""
@@ -165,7 +186,7 @@ def quantizer_for(config: QuantConfig):
 def _adaln_layer(ref: LayerRef, config: QuantConfig) -> QuantLinear:
     m = ref.module
     return QuantLinear(GroupWeight(m.weight, bits=4, group=64), m.bias, NoActQuant(torch_dtype(config.adaln_act_dtype)),
-                       compute_dtype=m.weight.dtype, name=ref.fqn, treatment="int4_g64 wo")
+                       compute_dtype=m.weight.dtype, name=ref.fqn, treatment=ADALN_TREATMENT)
 
 
 def layer_treatment(ref: LayerRef, config: QuantConfig) -> str:
@@ -295,6 +316,10 @@ def convert_layer(ref: LayerRef, treatment: str, quantizer, config: QuantConfig,
                       src_bits if new is None else new.store.bits,
                       src_bits if new is None or new.act.bits == 16 else new.act.bits,
                       _layer_bytes(m), _layer_bytes(m) if new is None else new.nbytes)
+    if new is not None:
+        bias = 0 if new.bias is None else new.bias.numel() * new.bias.element_size()
+        rec.w_bits_eff = round(8 * (new.nbytes - bias) / (m.in_features * m.out_features), 4)
+        rec.a_bits_eff = round(src_bits if new.act.bits == 16 else new.act.bits_per_element(m.in_features), 4)
     if new is not None:
         new.nonfinite = config.nonfinite
         new.set_runtime(runtime)

@@ -85,6 +85,12 @@ class ActQuantizer(nn.Module):
 
     bits: int = 16
 
+    def bits_per_element(self, d: int) -> float:
+        """Bits an activation element costs as quantized, side information included (per-token scales and zero
+        points spread over the ``d`` elements of a token; per-tensor or static scales cost ~0 per element): the
+        iso-bit accounting of ``QuantReport`` (fp16 scales and zero points, as a deployed kernel keeps them)."""
+        return float(self.bits)
+
 
 class NoActQuant(ActQuantizer):
     """Activations pass through; ``dtype`` optionally rounds them (e.g. bf16 activations of weight-only layers)."""
@@ -116,6 +122,10 @@ class UniformActQuant(ActQuantizer):
             raise NonFiniteInput("activation contains NaN or Inf")
         return fake_quant_uniform(xf, self.bits, self.symmetric, (-1,) if self.granularity == "token" else None)
 
+    def bits_per_element(self, d: int) -> float:
+        side = 16 * (1 if self.symmetric else 2)  # fp16 scale (+ zero point) per token
+        return self.bits + (side / d if self.granularity == "token" else 0.0)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"
 
@@ -133,6 +143,10 @@ class GroupActQuant(ActQuantizer):
         if not torch.isfinite(xf.abs().amax()):
             raise NonFiniteInput("activation contains NaN or Inf")
         return fake_quant_groups(xf, self.bits, self.symmetric, self.group)
+
+    def bits_per_element(self, d: int) -> float:
+        side = 16 * (1 if self.symmetric else 2)  # fp16 scale (+ zero point) per token and group
+        return self.bits + side / (self.group if 0 < self.group < d else d)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}"
@@ -186,6 +200,9 @@ class OrbitActQuant(ActQuantizer):
         if not torch.isfinite(s).all():
             raise NonFiniteInput("activation contains NaN or Inf")
         return s * self.codebook(xf / (s + self.eps))
+
+    def bits_per_element(self, d: int) -> float:
+        return self.bits + 32 / d  # the code, and the fp32 token norm spread over the token
 
     def fused(self, rotation: nn.Module | None, x: torch.Tensor, out_dtype: torch.dtype | None = None,
               flag: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -24,7 +24,9 @@ def format_summary(results: dict, path: Path | None = None) -> str:
         f"seed={c['seed']} quant_seed={c['quant_seed']}",
         f"quantized {sum(v for k, v in q['treatments'].items() if k != 'skip')}/{q['n_linear']} linears "
         f"{q['treatments']}; linear bytes {q['linear_bytes_src'] / 1e6:.2f} MB -> {q['linear_bytes_quant'] / 1e6:.2f} MB; "
-        f"mean per-layer rel. error {q['mean_rel_err'] if q['mean_rel_err'] is None else round(q['mean_rel_err'], 4)}",
+        f"mean per-layer rel. error {q['mean_rel_err'] if q['mean_rel_err'] is None else round(q['mean_rel_err'], 4)}"
+        + (f"; measured bits W {q['eff_w_bits']:.3f} A {q['eff_a_bits']:.3f}" if q.get("eff_w_bits") is not None
+           else ""),
         f"{'metric':<16} {'better':>6} {'fp reference':>13} {'quantized':>11} {'n':>6}",
     ]
     for name, m in results["metrics"].items():
@@ -49,9 +51,10 @@ def load_results(root: str | Path = "results/runs") -> pd.DataFrame:
     for p in sorted(Path(root).glob("**/results.json")):
         r = json.loads(p.read_text())
         c = r["config"]
+        q = r.get("quant_report", {}).get("summary", {})
         ids = {"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
                "bits": _bits_label(c["quant"]), "eval": c["eval"]["name"], "quant_seed": c["quant_seed"],
-               "seed": c["seed"]}
+               "seed": c["seed"], "eff_w_bits": q.get("eff_w_bits"), "eff_a_bits": q.get("eff_a_bits")}  # None: an older run
         for name, m in r["metrics"].items():
             rows.append({**ids, "metric": name, "value": _num(m["value"]), "higher_is_better": m["higher_is_better"],
                          "n": m["n"], "reference": _num(r["reference_metrics"][name]["value"]), "path": str(p)})
@@ -94,8 +97,18 @@ def mean_std_table(df: pd.DataFrame, metrics: list[str] | None = None,
     table["runs"] = stats.groupby(list(by))["count"].max()
     if "bits" in by:
         table = table.sort_index(key=lambda idx: idx.map(_bits_order) if idx.name == "bits" else idx)
-    cols = [m for m in (metrics or sorted(df["metric"].unique())) if m in table.columns] + ["runs"]
-    return table[cols]
+    cols = [m for m in (metrics or sorted(df["metric"].unique())) if m in table.columns]
+    measured = [c for c in ("eff_w_bits", "eff_a_bits") if c in df.columns and df[c].notna().any()]
+    if measured:  # iso-bit accounting: the bits each row really spends, beside its nominal label
+        eff = df.groupby(list(by))[measured].mean().round(2)
+        table = table.join(eff.rename(columns=MEASURED_BITS))
+        cols += [MEASURED_BITS[c] for c in measured]
+    return table[cols + ["runs"]]
+
+
+#: columns of the measured bits (``QuantReport.effective_bits``): codes plus scales, zero points, low-rank branches
+#: and extra copies per weight; codes plus per-token / per-group side information per activation element
+MEASURED_BITS = {"eff_w_bits": "W bits (measured)", "eff_a_bits": "A bits (measured)"}
 
 
 def to_latex(table: pd.DataFrame) -> str:
