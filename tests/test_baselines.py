@@ -136,3 +136,80 @@ def test_gptq_beats_rtn_on_layer_output_error_at_the_same_grouping():
     # with no calibration signal (H = identity-like) GPTQ reduces to RTN's grid: same error scale
     e_id = relative_error(w, gptq_quantize(w, torch.eye(d) * 2, 4, 128).dequantize())
     assert e_id < 1.2 * relative_error(w, rtn_groups(w, 4, 128).dequantize())
+
+
+class _Block(torch.nn.Module):
+    """One transformer block's linears with their roles: q/k/v and FFN-up read the normed input, the
+    out-projection reads the attention output and the down-projection the GELU output."""
+
+    def __init__(self, d=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        a = self.out(self.q(x) * self.k(x) + self.v(x))
+        return self.down(torch.nn.functional.gelu(self.up(x + a)))
+
+    def refs(self):
+        from orbitquant.types import LayerRef
+
+        roles = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "out": "attn.out", "up": "ff.up", "down": "ff.down"}
+        return [LayerRef(n, r, 0, getattr(self, n)) for n, r in roles.items()]
+
+
+def _smoothquant_block(**kw):
+    from baselines.smoothquant import SmoothQuantConfig
+
+    block = _Block()
+    x = _outlier_tokens(n=128, d=64)
+    report = oq.quantize_(block, SmoothQuantConfig(w_bits=4, a_bits=4, **kw), layers=block.refs(),
+                          calibrate=lambda: block(x))
+    return block, report
+
+
+def test_smoothquant_smooths_only_qkv_and_ffn_up_by_default():
+    """Upstream (smooth_lm) smooths q/k/v and fc1 only; out_proj and fc2 are quantized unsmoothed."""
+    from orbitquant.nn import ChannelScale
+
+    block, report = _smoothquant_block()
+    for name in ("q", "k", "v", "up"):
+        assert isinstance(getattr(block, name).rotation, ChannelScale), name
+    for name in ("out", "down"):
+        lay = getattr(block, name)
+        assert lay.rotation is None and lay.act.symmetric and lay.treatment.endswith("(not smoothed)"), name
+    assert (report.calibration["smoothed_layers"], report.calibration["layers"]) == (4, 6)
+    # the named options smooth the out- / down-projection too (the old behaviour: both)
+    block, report = _smoothquant_block(smooth_out=True)
+    assert isinstance(block.out.rotation, ChannelScale) and block.down.rotation is None
+    block, report = _smoothquant_block(smooth_out=True, smooth_down=True)
+    assert isinstance(block.out.rotation, ChannelScale) and isinstance(block.down.rotation, ChannelScale)
+    assert report.calibration["smoothed_layers"] == 6
+
+
+def test_rtn_sym_control_composes_and_quantizes_activations_symmetrically():
+    """conf/quant/rtn_sym.yaml: RTN with SmoothQuant's activation quantizer (symmetric per token), own tag."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from orbitquant.factory import build_quant_config
+    from orbitquant.primitives import fake_quant_uniform
+
+    conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+    tags = {}
+    for quant in ("rtn", "rtn_sym", "smoothquant"):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"quant={quant}", "w_bits=4", "a_bits=4"])
+        qd = OmegaConf.to_container(cfg.quant, resolve=True)
+        tags[quant] = qd["tag"]
+        if quant == "rtn_sym":
+            c = build_quant_config(qd)
+            assert isinstance(c, oq.RTNConfig) and c.a_symmetric and c.w_symmetric and c.a_granularity == "token"
+    assert tags["rtn_sym"] != tags["rtn"]  # its own run directories
+    seq = torch.nn.Sequential(_mlp()[0])
+    oq.quantize_(seq, c)
+    assert seq[0].act.symmetric
+    x = torch.rand(8, 384) + 0.5  # all positive: an asymmetric quantizer would use the full grid on [min, max]
+    torch.testing.assert_close(seq[0].act(x), fake_quant_uniform(x, 4, True, (-1,)))
+    assert not torch.allclose(seq[0].act(x), fake_quant_uniform(x, 4, False, (-1,)))
