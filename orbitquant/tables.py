@@ -54,7 +54,8 @@ def load_results(root: str | Path = "results/runs") -> pd.DataFrame:
         q = r.get("quant_report", {}).get("summary", {})
         ids = {"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
                "bits": _bits_label(c["quant"]), "eval": c["eval"]["name"], "quant_seed": c["quant_seed"],
-               "seed": c["seed"], "eff_w_bits": q.get("eff_w_bits"), "eff_a_bits": q.get("eff_a_bits")}  # None: an older run
+               "seed": c["seed"],  # measured bits (None in runs older than the accounting)
+               "eff_w_bits": q.get("eff_w_bits"), "eff_a_bits": q.get("eff_a_bits")}
         for name, m in r["metrics"].items():
             rows.append({**ids, "metric": name, "value": _num(m["value"]), "higher_is_better": m["higher_is_better"],
                          "n": m["n"], "reference": _num(r["reference_metrics"][name]["value"]), "path": str(p)})
