@@ -6,9 +6,10 @@
 Each candidate quantizes the model with Q-DiT (weights ``search.weights``, default RTN as in the
 official code), samples ``search.protocol`` with noise seed ``seed + 20000`` (the same for every
 candidate, disjoint from eval and calibration noise, so the search never sees the scored samples),
-and scores ``search.metric`` against the fp samples of that protocol. Writes ``groups.json`` (the
-best map, its fitness, every evaluation) and ``search.png`` into the Hydra run dir, and prints the
-run.py command that uses it. Config: conf/qdit_search.yaml.
+and scores ``search.metric`` against the fp samples of that protocol. The genome has one gene per input
+tensor (q/k/v of a block share one, as the official fused qkv); the mean-group constraint is over genes.
+Writes ``groups.json`` (the best map, its genes, its fitness, every evaluation) and ``search.png`` into
+the Hydra run dir, and prints the run.py command that uses it. Config: conf/qdit_search.yaml.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from baselines.qdit.search import SearchConfig, evolve
+    from baselines.qdit.search import SearchConfig, evolve, expand, shared_input_genes
     from orbitquant.api import layer_treatment, quantized
     from orbitquant.config import torch_dtype
     from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
@@ -89,23 +90,27 @@ def main(cfg: DictConfig) -> None:
                                   lambda sink: sample("fp reference", sink))
     denoiser = adapter.denoiser(pipe)
     probe_cfg = build_quant_config(base)
-    targets = [r.fqn for r in adapter.layers(denoiser) if layer_treatment(r, probe_cfg) == "method"]
+    targets = [r for r in adapter.layers(denoiser) if layer_treatment(r, probe_cfg) == "method"]
+    # one gene per input tensor, as the official code's fused qkv: split q/k/v share one group size
+    genes = shared_input_genes(denoiser, targets, lambda: adapter.probe(pipe))
     ctx = metric_contexts([metric]).get(metric.context_cls)
     calib = c["calib"]["protocol"]
 
     def fitness(genome: tuple[int, ...]) -> float:
-        qcfg = build_quant_config({**base, "groups": dict(zip(targets, genome))})
-        calibrate = lambda: adapter.generate(pipe, **calib, seed=cfg.quant_seed + 10_000, progress=False)
+        qcfg = build_quant_config({**base, "groups": expand(genome, genes)})
+        def calibrate():
+            return adapter.generate(pipe, **calib, seed=cfg.quant_seed + 10_000, progress=False)
+
         with quantized(denoiser, qcfg, adapter.layers(denoiser), calibrate=calibrate):
             return float(metric.compute(sample("candidate"), reference, ctx).value)
 
     t0 = time.perf_counter()
-    log.info("searching %d layer group sizes over %s (budget %s evaluations, metric %s, %d samples)",
-             len(targets), scfg.space, scfg.budget, metric_name, len(reference))
-    res = evolve(len(targets), fitness, scfg, progress=cfg.progress)
+    log.info("searching %d group sizes (one per input tensor of %d layers) over %s (budget %s evaluations, "
+             "metric %s, %d samples)", len(genes), len(targets), scfg.space, scfg.budget, metric_name, len(reference))
+    res = evolve(len(genes), fitness, scfg, progress=cfg.progress)
     seconds = time.perf_counter() - t0
-    groups = dict(zip(targets, res.best))
-    out = {"groups": groups, "fitness": res.best_fitness, "metric": metric_name,
+    groups = expand(res.best, genes)
+    out = {"groups": groups, "genes": genes, "fitness": res.best_fitness, "metric": metric_name,
            "preset_fitness": res.history[0][1], "mean_group": sum(res.best) / len(res.best),
            "evaluations": len(res.history), "epochs_run": res.epochs_run, "seconds": round(seconds, 1),
            "search": OmegaConf.to_container(cfg.search, resolve=True), "model": c["model"],
@@ -116,7 +121,8 @@ def main(cfg: DictConfig) -> None:
     _plot(res.history, out_dir / "search.png", metric_name)
     print(f"best {metric_name} {res.best_fitness:.4f} (all-128 preset {res.history[0][1]:.4f}) after "
           f"{len(res.history)} evaluations in {seconds:.0f} s; mean group {out['mean_group']:.1f}\n"
-          f"groups: {path}\nuse:    python run.py quant=qdit quant.groups={path} quant.tag=w{cfg.w_bits}a{cfg.a_bits}-searched "
+          f"groups: {path}\nuse:    python run.py quant=qdit quant.groups={path} "
+          f"quant.tag=w{cfg.w_bits}a{cfg.a_bits}-searched "
           f"w_bits={cfg.w_bits} a_bits={cfg.a_bits}")
 
 

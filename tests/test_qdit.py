@@ -65,6 +65,86 @@ def test_gptq_quantized_inputs_change_the_later_blocks_hessians():
         assert rel > 1e-3, (r.fqn, float(rel))  # W2A3 in block 0 visibly moves block 1's inputs
 
 
+def test_gptq_hessians_come_from_the_blocks_own_quantized_activations():
+    """Official Q-DiT inserts every activation quantizer before GPTQ and hooks the linears behind them: block i's
+    Hessians are of its layers' *quantized* inputs (weights still fp), and later layers of the block see the
+    quantized-activation outputs of earlier ones. Old behaviour (fp inputs within the block) fails this."""
+    a = DigitsAdapter()
+    pipe = a.build_tiny()
+    model = a.denoiser(pipe)
+    cfg = QDiTConfig(w_bits=4, a_bits=3, n_calib=20, group_size=16)
+    assert cfg.hessian_act_quant  # the official setting is the default
+    q = QDiTQuantizer(cfg)
+    layers = [r for r in a.layers(model) if r.role in ("attn.q", "attn.k", "attn.v", "attn.out", "ff.up", "ff.down")]
+    q.prepare(layers, model)
+    a.generate(pipe, n_per_class=2, steps=8, guidance=2.0, batch_size=10, seed=5, progress=False)
+    q.finish_calibration()
+    block0 = [r for r in layers if r.block == 0]
+    to_q = next(r for r in block0 if r.role == "attn.q")
+    xs = []
+    h = to_q.module.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach()))  # runs before Q-DiT's
+    try:
+        q._collect_block(0)  # default: quantized activations
+        h_on = {r.fqn: q._hessians.pop(r.fqn) for r in block0}
+        q.config = QDiTConfig(w_bits=4, a_bits=3, n_calib=20, group_size=16, hessian_act_quant=False)
+        q._collect_block(0)
+    finally:
+        h.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[:len(xs) // 2]])
+    assert torch.equal(x, torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[len(xs) // 2:]]))  # same fp input
+    # the first layer's Hessian is exactly that of its group-quantized input (old: of the fp input)
+    torch.testing.assert_close(h_on[to_q.fqn], hessian(GroupActQuant(3, 16)(x)), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(q._hessians[to_q.fqn], hessian(x), rtol=1e-6, atol=1e-9)
+    for r in block0:  # every layer of the block, including those behind the attention / FFN activations
+        rel = (h_on[r.fqn] - q._hessians[r.fqn]).norm() / q._hessians[r.fqn].norm()
+        assert rel > 1e-3, (r.fqn, float(rel))
+
+
+def test_search_genome_has_one_gene_per_input_tensor_so_qkv_share_one():
+    """The official genome is 4 genes per block (fused qkv, proj, fc1, fc2): split q/k/v read one tensor and get
+    one gene, and the mean-group constraint counts that gene once."""
+    from baselines.qdit.search import expand, shared_input_genes
+
+    a = DigitsAdapter()
+    pipe = a.build_tiny()
+    model = a.denoiser(pipe)
+    refs = [r for r in a.layers(model) if r.role in ("attn.q", "attn.k", "attn.v", "attn.out", "ff.up", "ff.down")]
+    genes = shared_input_genes(model, refs, lambda: a.probe(pipe))
+    n_blocks = len({r.block for r in refs})
+    assert len(genes) == 4 * n_blocks
+    role = {r.fqn: r.role for r in refs}
+    for b in range(n_blocks):
+        assert [[role[f] for f in gene] for gene in genes[4 * b:4 * b + 4]] == [
+            ["attn.q", "attn.k", "attn.v"], ["attn.out"], ["ff.up"], ["ff.down"]]
+    genome = (32, 288, 64, 192) * n_blocks  # mean gene 144 >= 128; per layer (q/k/v thrice) it would be 112
+    groups = expand(genome, genes)
+    assert len(groups) == len(refs)
+    for gene, g in zip(genes, genome):
+        assert {groups[f] for f in gene} == {g}
+    with pytest.raises(ValueError, match="genes"):
+        expand(genome[:-1], genes)
+
+
+def test_gptq_group_scales_come_from_the_weights_at_the_block_start():
+    """Official GPTQ computes a group's scale/zero from ``W[:, col:col+g]``, which the lazy batch update refreshes
+    only at block boundaries: inside the first block every group's scale is that of the original weights (RTN's),
+    not of the error-updated ones. At g = blocksize the two readings coincide."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 128, generator=g)
+    x = torch.randn(400, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated: large feedback
+    h = hessian(x)
+    q = gptq_quantize(w, h, 3, 32, blocksize=128)
+    ref = rtn_groups(w, 3, 32)
+    assert torch.equal(q.scales, ref.scales) and torch.equal(q.zeros, ref.zeros)
+    upd = gptq_quantize(w, h, 3, 32, blocksize=128, scales_from="updated")
+    assert torch.equal(upd.scales[:, 0], ref.scales[:, 0]) and not torch.equal(upd.scales[:, 1:], ref.scales[:, 1:])
+    # g = blocksize: every group starts a block, both readings are the same
+    a, b = gptq_quantize(w, h, 3, 64, blocksize=64), gptq_quantize(w, h, 3, 64, blocksize=64, scales_from="updated")
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    with pytest.raises(ValueError, match="scales_from"):
+        gptq_quantize(w, h, 3, 32, scales_from="nope")
+
+
 def test_qdit_gptq_beats_group_rtn_and_w8a8_is_near_lossless():
     a = DigitsAdapter()
     errs = {}
@@ -150,6 +230,9 @@ def test_search_script_writes_a_group_map_that_run_py_accepts(tmp_path):
     out = tmp_path / "qdit_search/digits-w4a8-q0"
     data = json.loads((out / "groups.json").read_text())
     assert data["evaluations"] == 3 and len(data["groups"]) == 48 and (out / "search.png").is_file()
+    assert len(data["genes"]) == 32 and all(len(h["genome"]) == 32 for h in data["history"])  # q/k/v: one gene
+    for gene in data["genes"]:
+        assert len({data["groups"][f] for f in gene}) == 1
     assert data["fitness_noise_seed"] == 20_000  # disjoint from the eval noise (seed 0) and calibration (10000)
     assert data["fitness"] == min(h["fitness"] for h in data["history"])
     assert f"quant.groups={out / 'groups.json'}" in p.stdout

@@ -4,14 +4,17 @@
   down), weights and input activations.
 * Activations: dynamic asymmetric min/max per token x contiguous group of ``g_l`` input channels,
   recomputed at every forward (every step, both CFG halves); no clipping.
-* Weights: GPTQ with the same per-layer group size ``g_l`` (asymmetric, scales recomputed from the
-  error-updated weights at each group start, damp 0.01, block 128, no act-order). Blocks are processed
-  in order: the Hessians of block i come from a replay of the recorded calibration inputs through the
-  model whose blocks 0..i-1 are already quantized, activation quantizers on. ``weights=rtn`` is the
-  calibration-free per-group RTN variant.
+* Weights: GPTQ with the same per-layer group size ``g_l`` (asymmetric, a group's scales computed at its
+  first column from the weights as of the current GPTQ block's start, as the official code; damp 0.01,
+  block 128, no act-order). Blocks are processed in order: the Hessians of block i come from a replay of
+  the recorded calibration inputs through the model whose blocks 0..i-1 are already quantized, with every
+  activation quantizer on, block i's own included (its layers' Hessians are of their quantized inputs; its
+  weights are still fp), as in the official code. ``weights=rtn`` is the calibration-free per-group RTN
+  variant.
 * Group sizes: one fixed ``group_size`` (128, the cheap default the paper's ablation supports), or a
   per-layer map from the evolutionary search (``scripts/qdit_search.py`` writes it; ``groups=<file>``).
-  The search is in ``search.py``. A group larger than a layer's input dim means per token / per row.
+  The search is in ``search.py`` (one gene per input tensor: split q/k/v share one, as the fused qkv).
+  A group larger than a layer's input dim means per token / per row.
 
 Calibration (GPTQ only): ``n_calib`` conditional denoiser inputs from the model's own sampler, each
 trajectory contributing its input at one random step (``orbitquant.calib.InputRecorder``).
@@ -56,6 +59,7 @@ class QDiTConfig(QuantConfig):
     blocksize: int = 128
     replay_batch: int = 32         # rows per replayed denoiser forward
     seed: int = 0                  # calibration step draw
+    hessian_act_quant: bool = True  # Hessians from the block's own quantized activations (official); False: fp inputs
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,24 +137,38 @@ class QDiTQuantizer(Quantizer):
     # ---------------------------------------------------------------------------------------- Hessians
     def _collect_block(self, block: int) -> None:
         """Replay the recorded inputs through the current (partly quantized) model and accumulate ``2 X^T X / n``
-        for every not-yet-quantized target of ``block``."""
+        for every not-yet-quantized target of ``block``.
+
+        As in the official ``quantize_model_gptq`` (activation quantizers are inserted before GPTQ, and its
+        Hessian hooks sit on the linears *behind* them): every target of ``block`` sees its input through its
+        own activation quantizer while its weights are still fp, so the Hessian is that of the quantized
+        input, and later layers of the block see the quantized-activation outputs of earlier ones. The
+        whole block is recorded in one replay, before any of its weights is quantized."""
+        c: QDiTConfig = self.config
         refs = [r for r in self.layers if r.block == block and r.fqn not in self._hessians]
         sums = {r.fqn: torch.zeros(r.module.in_features, r.module.in_features, dtype=torch.float64,
                                    device=r.module.weight.device) for r in refs}
         counts = dict.fromkeys(sums, 0)
         seen: set[str] = set()
 
-        def make_hook(fqn):
-            def hook(_mod, args, _out):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[fqn] += x.T @ x
-                counts[fqn] += len(x)
-                seen.add(fqn)
+        def make_hook(ref):
+            act = (GroupActQuant(c.a_bits, self.group_of(ref), c.a_symmetric)
+                   if c.a_bits != 16 and c.hessian_act_quant else None)
+
+            def hook(_mod, args):
+                x = args[0].detach()
+                if act is not None:
+                    x = act(x).to(args[0].dtype)
+                xf = x.reshape(-1, x.shape[-1]).double()
+                sums[ref.fqn] += xf.T @ xf
+                counts[ref.fqn] += len(xf)
+                seen.add(ref.fqn)
                 if len(seen) == len(refs):
                     raise _BlockDone
+                return None if act is None else (x, *args[1:])
             return hook
 
-        hooks = [r.module.register_forward_hook(make_hook(r.fqn)) for r in refs]
+        hooks = [r.module.register_forward_pre_hook(make_hook(r)) for r in refs]
         try:
             for args, kwargs in self.recorder.batches(self.config.replay_batch):
                 seen.clear()

@@ -2,9 +2,17 @@
 
 Columns are quantized left to right; each column's rounding error is propagated to the columns not
 yet quantized through the inverse Hessian ``H = 2 X^T X / n`` (Cholesky form, dampened), in blocks
-of ``blocksize`` columns (lazy batch updates). Group scales are taken from the *updated* weights when
-a group starts, as in the reference implementation (no act-order). Scales are rounded to fp16 while
+of ``blocksize`` columns (lazy batch updates), no act-order. Scales are rounded to fp16 while
 quantizing, so the stored (fp16-scale) weight is exactly the one GPTQ compensated for.
+
+Group scales (``scales_from="block_start"``, the default): as in the official code (``Q-DiT``'s
+``qdit/gptq.py``, inherited from IST-DASLab's GPTQ), a group's scale/zero are computed when the group
+starts from ``W[:, col:col + group]`` of the full weight matrix, which the lazy batch update refreshes
+only at block boundaries: columns of the current block are read *before* the error feedback of the
+block's earlier columns, columns beyond it after every completed block's. With ``group`` a multiple of
+``blocksize`` (g = 128, block 128) every group starts a block and the two readings coincide; a group
+starting inside a block (g = 32, 64, 192, 288) differs. ``scales_from="updated"`` reads the weights
+with every update so far applied (not the reference; kept for the ablation in UPSTREAM.md).
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ def rtn_groups(w: torch.Tensor, bits: int, group: int, symmetric: bool = False) 
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: bool = False,
-                  blocksize: int = 128, percdamp: float = 0.01) -> GroupedCodes:
+                  blocksize: int = 128, percdamp: float = 0.01, scales_from: str = "block_start") -> GroupedCodes:
     """GPTQ codes and group scales for ``w`` (out, in) given the input Hessian ``h`` (in, in)."""
+    if scales_from not in ("block_start", "updated"):
+        raise ValueError(f"scales_from must be 'block_start' or 'updated', got {scales_from!r}")
     w = w.detach().double().clone()
     h = h.to(w.device).double().clone()
     rows, cols = w.shape
@@ -59,10 +69,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symme
         for i in range(b1 - b0):
             col = b0 + i
             k = col // group
-            if col % group == 0:  # group scales from the current (error-updated) weights
-                g1 = min(col + group, cols)
-                src = torch.cat([w1[:, i:], w[:, b1:]], dim=1)[:, : g1 - col]
-                scales[:, k], zeros[:, k] = _group_params(src, bits, symmetric)
+            if col % group == 0:  # group scales from w as of this block's start (see the module docstring)
+                src = torch.cat([w1[:, i:], w[:, b1:]], dim=1) if scales_from == "updated" else w[:, col:]
+                scales[:, k], zeros[:, k] = _group_params(src[:, :group], bits, symmetric)
             s, z = scales[:, k:k + 1], zeros[:, k:k + 1]
             c = _encode(w1[:, i:i + 1], s, z, bits, symmetric)
             codes[:, col] = c[:, 0]

@@ -1,7 +1,11 @@
 """Q-DiT's evolutionary search over per-layer group sizes (BASELINES_SPEC section 8.1, step 5).
 
-Genome: one group size from ``space`` per target linear (weights and activations tied). Constraint:
-mean group size >= ``min_mean_group`` (the official code's BitOps proxy). Each epoch keeps the
+Genome: one group size from ``space`` per *input tensor* of the target linears (weights and activations
+tied), as in the official code, whose DiT has a fused ``qkv``: its genome is 4 genes per block (qkv,
+proj, fc1, fc2). Linears that read one tensor (diffusers' split ``to_q/to_k/to_v``; FLUX single blocks'
+q/k/v and ``proj_mlp``; gate and up of a gated FFN) share one gene (:func:`shared_input_genes`).
+Constraint: mean gene >= ``min_mean_group`` (the official code's BitOps proxy ``sum(cand)/len(cand)``,
+so a shared q/k/v input counts once). Each epoch keeps the
 ``select`` fittest genomes seen so far and breeds ``mutations`` mutants (every gene resampled with
 probability ``m_prob``) and ``crossovers`` uniform crossovers (each gene from either parent with
 p = 0.5), legal and unvisited only, topped up with random legal genomes. The all-``preset`` genome
@@ -18,11 +22,50 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch import nn
 from tqdm.auto import tqdm
+
+from orbitquant.types import LayerRef
 
 from . import GROUP_SPACE
 
 Genome = tuple[int, ...]
+
+
+def shared_input_genes(model: nn.Module, refs: list[LayerRef], forward: Callable[[], object]) -> list[list[str]]:
+    """Group the target linears ``refs`` by the input tensor they read in one ``forward()`` of ``model``: one
+    list of fqns per gene, in layer order. Layers the forward never reaches get a gene of their own."""
+    first: dict[str, object] = {}  # fqn -> its first input tensor (held, so no id is reused during the forward)
+
+    def make_hook(fqn):
+        def hook(_mod, args):
+            first.setdefault(fqn, args[0])
+        return hook
+
+    handles = [r.module.register_forward_pre_hook(make_hook(r.fqn)) for r in refs]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    genes: list[list[str]] = []
+    owner: list[object] = []
+    for r in refs:
+        x = first.get(r.fqn)
+        k = next((i for i, t in enumerate(owner) if x is not None and t is x), None)
+        if k is None:
+            genes.append([r.fqn])
+            owner.append(x)
+        else:
+            genes[k].append(r.fqn)
+    return genes
+
+
+def expand(genome: Genome, genes: list[list[str]]) -> dict[str, int]:
+    """The per-layer group map of a genome: every layer of a gene gets the gene's group size."""
+    if len(genome) != len(genes):
+        raise ValueError(f"genome has {len(genome)} genes, the model {len(genes)}")
+    return {fqn: g for gene, g in zip(genes, genome) for fqn in gene}
 
 
 @dataclass(frozen=True)
