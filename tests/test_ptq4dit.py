@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +105,8 @@ def test_qkv_share_one_balance_fc2_is_not_balanced_and_every_step_counts():
     assert blk.ff.net[2].rotation is None  # FC2 (ff.down) is never balanced
     inv = [m.rotation.inv_scale for m in (blk.attn1.to_q, blk.attn1.to_k, blk.attn1.to_v)]
     assert torch.equal(inv[0], inv[1]) and torch.equal(inv[0], inv[2])  # one B for the shared input
-    assert isinstance(blk.attn1.to_out[0].rotation, ChannelScale) and isinstance(blk.ff.net[0].proj.rotation, ChannelScale)
+    assert isinstance(blk.attn1.to_out[0].rotation, ChannelScale)
+    assert isinstance(blk.ff.net[0].proj.rotation, ChannelScale)
     cal = rep.calibration
     assert cal["balanced_layers"] == 2 * 5 and cal["balance_groups"] == 2 * 3 and cal["steps"] == [0, 1, 2, 3]
     assert cal["ssc_rows"] == 4 and set(rep.summary()["treatments"]) == {"ptq4dit w4a8", "int4_g64 wo", "skip"}
@@ -133,6 +135,50 @@ def test_percentile_mse_picks_a_clipped_range_with_outliers():
     w[1, 0] = 50.0
     lo, hi, choice = percentile_range(w, 4, per_row=True)
     assert choice[1] > 0 and hi[1] < 40 and hi[0] < 0.2 * hi[1]  # one outlier in 4096: an interpolated clip
+
+
+def test_range_search_scores_only_percentiles_by_default_as_upstream():
+    # upstream (quant/quant_layer.py, scale_method='mse'): best_score starts at 1e10 and only the quantile clips
+    # {0.999, 0.9999, 0.99999} are scored; min/max is computed but never a candidate. A tensor whose min/max
+    # range is the least-L2 one (uniform, no outliers) still gets a percentile clip by default.
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(20000, generator=g) * 2 - 1
+    lo_mm, hi_mm, ch_mm = percentile_range(x, 2, minmax=True)
+    assert ch_mm.item() == 0 and lo_mm.item() == x.min().item() and hi_mm.item() == x.max().item()
+    lo, hi, choice = percentile_range(x, 2)
+    assert hi.item() < x.max().item() and lo.item() > x.min().item()
+    xs = torch.sort(x).values
+    want = torch.quantile(x, torch.tensor([1 - 0.99999, 0.99999]))  # best of the three here: the widest clip
+    assert choice.item() == 2 and torch.allclose(torch.stack([lo[0], hi[0]]), want)
+    # the candidate order with minmax: [min/max] + percentiles, so choice k shifts by one
+    assert (percentile_range(xs[None], 4, per_row=True, minmax=True)[2] >= 0).all()
+    assert PTQ4DiTConfig().minmax_candidate is False
+    with pytest.raises(ValueError):
+        PTQ4DiTConfig(percentiles=())
+    assert PTQ4DiTConfig(percentiles=(), minmax_candidate=True).percentiles == ()
+
+
+def test_quant_configs_put_reconstruction_beside_the_paper_row():
+    # dit_imagenet joins the paper's rows on (method, bits): the ptq4dit config it sweeps must be the
+    # reconstructed (upstream) one; the no-reconstruction variant keeps its own tag (an ablation).
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from orbitquant.factory import build_quant_config
+
+    conf = str((Path(__file__).resolve().parent.parent / "conf").resolve())
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        recon = compose("config", overrides=["quant=ptq4dit_recon", "w_bits=4", "a_bits=8"])
+        norecon = compose("config", overrides=["quant=ptq4dit", "w_bits=4", "a_bits=8"])
+        short = compose("config", overrides=["quant=ptq4dit_recon", "quant.recon_iters=500"])
+    assert recon.quant.tag == "w4a8-recon20000" and short.quant.tag == "w4a8-recon500"
+    assert norecon.quant.tag == "w4a8-norecon"
+    cfg = build_quant_config(OmegaConf.to_container(recon.quant, resolve=True))
+    assert cfg.recon_iters == 20000 and cfg.recon_unit == "block" and cfg.minmax_candidate is False
+    assert build_quant_config(OmegaConf.to_container(norecon.quant, resolve=True)).recon_iters == 0
+    exp = OmegaConf.load(Path(conf) / "experiment/dit_imagenet.yaml")
+    swept = exp.hydra.sweeper.params.quant.split(",")
+    assert "ptq4dit_recon" in swept and "ptq4dit" not in swept
 
 
 def test_affine_weight_and_static_activation_roundtrip():

@@ -13,7 +13,14 @@ from torch import nn
 
 import orbitquant as oq
 from baselines.vidit_q import ActScaleEMA, ViDiTQConfig, ViDiTQQuantizer
-from baselines.vidit_q.layers import ScheduledQuantLinear, StepSchedule, check_timerange
+from baselines.vidit_q.layers import (
+    ScheduledQuantLinear,
+    StepSchedule,
+    TimestepHook,
+    check_timerange,
+    current_timestep,
+    timestep_value,
+)
 from orbitquant.api import quantizer_for
 from orbitquant.calib import DenoiserCall, denoiser_call
 from orbitquant.types import LayerRef
@@ -73,7 +80,8 @@ def test_activation_range_holds_zero_like_the_code():
 
     x = torch.tensor([[0.5, 1.0, 2.0, 3.1], [-1.0, 0.2, 0.7, 1.3], [0.0, 0.0, 0.0, 0.0]])
     q = TokenActQuant(2)(x)
-    torch.testing.assert_close(q[0], torch.tensor([0.0, 1.0 + 1 / 30, 2.0 + 2 / 30, 3.1]))  # range [0, 3.1], not [0.5, 3.1]
+    # the range is [0, 3.1], not [0.5, 3.1]
+    torch.testing.assert_close(q[0], torch.tensor([0.0, 1.0 + 1 / 30, 2.0 + 2 / 30, 3.1]))
     torch.testing.assert_close(q[:2], _fq(x[:2], 2))
     assert torch.equal(q[2], x[2])  # an all-zero token stays exact
 
@@ -168,6 +176,83 @@ def test_schedule_reaches_only_the_pairs_a_step_can_use():
         check_timerange([[0, 500], [502, 1000]])
 
 
+class _Denoiser(nn.Module):
+    """A denoiser taking ``(x, timestep)`` like the diffusers transformers (timestep on the 0..1000 scale)."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x, timestep):
+        return self.lin(x)
+
+
+def _shifted_timesteps(n=8, shift=7.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)  # Wan's scheduler; FLUX shifts likewise (mu)
+    sched.set_timesteps(n)
+    return sched.timesteps.float()
+
+
+def test_timestep_ranges_follow_timestep_values_on_a_shifted_schedule():
+    # upstream: QuantModel.forward sets cur_timestep_id = t[0] (the model's timestep input) and find_interval
+    # looks it up in timerange: ranges are timestep VALUES. With FlowMatch shift 7 and 8 steps the values are
+    # 1000, 977, 946, 904, 842, 742, 550, 47: only the last step is in [0, 500]; by step index (t = 1000 (1 -
+    # step / 8)) steps 4..7 would be.
+    ts = _shifted_timesteps()
+    assert [round(float(t)) for t in ts] == [1000, 977, 946, 904, 842, 742, 550, 47]
+    model, refs = _model()
+    den = _Denoiser(model[0])
+    w_absmax = den.lin.weight.detach().abs().amax(dim=0).clone()
+    xs = [_tokens(seed=10 + i, outlier=30.0 if i < 7 else 2.0) for i in range(8)]
+
+    def calib():
+        for i, t in enumerate(ts):
+            with denoiser_call(i, ("cond",), 8):
+                den(xs[i], timestep=t.expand(3))
+
+    cfg = ViDiTQConfig(plan="timestep_cb", w_bits=4, a_bits=8, alpha=(0.3, 0.6))
+    rep = oq.quantize_(den, cfg, [LayerRef("lin", "attn.q", 0, den.lin)], calibrate=calib)
+    assert rep.calibration["updates_per_range"] == [1, 7]  # index-based: [4, 4]
+    assert rep.calibration["timestep_valued_calls"] == 8 and rep.calibration["unpublished_calls"] == 0
+    q = den.lin
+    assert isinstance(q, ScheduledQuantLinear) and q.schedule.keys == ((1, 4), (0, 4))
+    picked = []
+    for i, t in enumerate(ts):  # sampling: each step uses the variant of its timestep value
+        with denoiser_call(i, ("cond",), 8):
+            den(xs[0], timestep=t.expand(3))
+        picked.append(q.schedule.keys[q.active][0])
+    assert picked == [1] * 7 + [0]  # index-based: [1, 1, 1, 1, 0, 0, 0, 0]
+    # the act_scale of range [0, 500] is the last step's alone (no outlier channels): s_0 = a_7^0.3 / max|W|^0.7
+    a7 = xs[7].abs().amax(dim=1).mean(dim=0)
+    r0 = q.transforms[q.schedule.keys.index((0, 4))].inv_scale
+    torch.testing.assert_close(r0, (w_absmax ** 0.7 / a7 ** 0.3).float())
+
+
+def test_timestep_value_conventions_and_hook():
+    class FluxTransformer2DModel(nn.Module):  # FLUX pipelines pass t / 1000
+        def forward(self, hidden_states, timestep=None):
+            return hidden_states
+
+    class ZImageTransformer2DModel(FluxTransformer2DModel):  # Z-Image passes (1000 - t) / 1000
+        pass
+
+    x = torch.zeros(2, 3)
+    assert timestep_value(FluxTransformer2DModel(), (x,), {"timestep": torch.tensor([0.7, 0.7])}) == pytest.approx(700)
+    assert timestep_value(ZImageTransformer2DModel(), (x,), {"timestep": torch.tensor([0.3])}) == pytest.approx(700)
+    assert timestep_value(_Denoiser(nn.Linear(3, 3)), (x, torch.tensor([700.0])), {}) == 700.0
+    assert timestep_value(_Denoiser(nn.Linear(3, 3)), (x,), {}) is None
+    seen = []
+    den = _Denoiser(nn.Linear(3, 3))
+    den.lin.register_forward_hook(lambda *_: seen.append(current_timestep()))
+    hook = TimestepHook().attach(den)
+    den(x, timestep=torch.tensor([321.0, 321.0]))
+    assert seen == [321.0] and hook.published == 1
+    assert current_timestep() is None  # reset after the forward
+    hook.detach()
+
+
 def test_static_dynamic_transform_cancels_unquantized_and_runs_quantized():
     x = _tokens(seed=5)
     calib_steps = [(0, _tokens(seed=6)), (3, _tokens(seed=7))]
@@ -179,7 +264,8 @@ def test_static_dynamic_transform_cancels_unquantized_and_runs_quantized():
     errs = {}
     for plan in ("dynamic", "static_dynamic"):
         model, refs = _model()
-        oq.quantize_(model, ViDiTQConfig(plan=plan, w_bits=4, a_bits=4), refs, calibrate=_calibrate(model, calib_steps, 4))
+        oq.quantize_(model, ViDiTQConfig(plan=plan, w_bits=4, a_bits=4), refs,
+                     calibrate=_calibrate(model, calib_steps, 4))
         errs[plan] = oq.primitives.relative_error(ref_out, model(x))
     assert errs["static_dynamic"] < errs["dynamic"], errs  # outlier channels: scaling + rotation help
 
@@ -254,8 +340,9 @@ def test_run_py_on_tiny_dit(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, eval_", [("tiny_dit", "c2i_smoke"), ("tiny_flux", "t2i_smoke"), ("tiny_wan", "t2v_smoke"),
-                                          ("tiny_cogvideox", "t2v_smoke"), ("tiny_zimage", "t2i_smoke")])
+@pytest.mark.parametrize("model, eval_", [("tiny_dit", "c2i_smoke"), ("tiny_flux", "t2i_smoke"),
+                                          ("tiny_wan", "t2v_smoke"), ("tiny_cogvideox", "t2v_smoke"),
+                                          ("tiny_zimage", "t2i_smoke")])
 def test_run_py_every_preset_on_every_tiny_family(model, eval_, tmp_path):
     _run(["-m", f"model={model}", "quant=vidit_q,vidit_q_mp,vidit_q_sd", f"eval={eval_}", f"calib={eval_}",
           "dtype=float32", "bits=w4a8,w8a8"], tmp_path)

@@ -9,7 +9,8 @@
   gate/up pair) share one ``B`` with ``sW`` over all of them, as on the paper's fused qkv. ``ssc=max`` is
   CSB without SSC (one absmax over all calibration), ``csb=false`` the unbalanced baseline.
 * **Quantizers**: weights asymmetric per output channel, activations static asymmetric per tensor, each
-  range the least-L2 one among min/max and the quantile clips {0.999, 0.9999, 0.99999} (both tails);
+  range the least-L2 one among the quantile clips {0.999, 0.9999, 0.99999} (both tails; as the code, which
+  never scores min/max; ``minmax_candidate=true`` adds the plain min/max as a candidate, an ablation);
   weights on the balanced weight, activations on a seeded reservoir of balanced calibration tokens.
 * **Reconstruction** (``recon_iters > 0``; 0 = the "CSB+SSC only" variant): BRECQ/Q-Diffusion per DiT block
   (``recon_unit=block``) or per linear, AdaRound weights + learned activation steps (``recon.py``).
@@ -71,8 +72,10 @@ class PTQ4DiTConfig(QuantConfig):
     timesteps: int | None = None       # None: every sampler step; n: n evenly spaced steps (paper: 25)
     ssc_samples: int = 2               # ssc=sample: samples per (step, CFG half) (code: 4 per step)
     percentiles: tuple[float, ...] = PERCENTILES
+    minmax_candidate: bool = False     # true: also score plain min/max (ablation; the code scores percentiles only)
     reservoir: int = 2048              # calibration tokens per layer for the activation range search
     recon_iters: int = 0               # 0: no reconstruction (tag *-norecon); code: 20000 per block
+                                       # (conf/quant/ptq4dit_recon.yaml)
     recon_unit: str = "block"          # block (BRECQ, PTQ4DiT) | layer
     recon_rows: int = 4                # denoiser inputs kept per (step, CFG half) for reconstruction
     recon_batch: int = 32
@@ -96,6 +99,8 @@ class PTQ4DiTConfig(QuantConfig):
             raise ValueError(f"recon_unit must be 'block' or 'layer', got {self.recon_unit!r}")
         if not all(0.5 < p < 1 for p in self.percentiles):
             raise ValueError("percentiles must lie in (0.5, 1)")
+        if not self.percentiles and not self.minmax_candidate:
+            raise ValueError("the range search needs percentiles or minmax_candidate: true")
         if self.timesteps is not None and self.timesteps < 1:
             raise ValueError("timesteps must be >= 1 (or null for every step)")
         if min(self.ssc_samples, self.reservoir, self.recon_rows, self.recon_batch) < 1 or self.recon_iters < 0:
@@ -145,7 +150,8 @@ class StepCollector(ActivationCollector):
             need = self.per_sample - self._counts.get(key, 0)
             if need <= 0:
                 continue
-            rows = part.reshape(part.shape[0], -1, part.shape[-1]) if part.dim() >= 3 else part.reshape(1, -1, part.shape[-1])
+            d = part.shape[-1]
+            rows = part.reshape(part.shape[0], -1, d) if part.dim() >= 3 else part.reshape(1, -1, d)
             amax = rows[:need].abs().amax(dim=1).cpu()
             self.sample_absmax.setdefault(fqn, []).extend(amax)
             self._counts[key] = self._counts.get(key, 0) + len(amax)
@@ -320,13 +326,14 @@ class PTQ4DiTQuantizer(Quantizer):
             w = w * b
         st["w"] = w
         if c.w_bits != 16:
-            lo, hi, _ = percentile_range(w, c.w_bits, c.percentiles, per_row=True)
+            lo, hi, _ = percentile_range(w, c.w_bits, c.percentiles, per_row=True,
+                                         minmax=c.minmax_candidate)
             st["w_scale"], st["w_zero"] = affine_params(lo, hi, c.w_bits)
         if c.a_bits != 16:
             x = self.collector.stats[ref.fqn].reservoir.to(w.device).float()
             if b is not None:
                 x = x * st["inv_scale"]
-            lo, hi, _ = percentile_range(x, c.a_bits, c.percentiles)
+            lo, hi, _ = percentile_range(x, c.a_bits, c.percentiles, minmax=c.minmax_candidate)
             delta, zero = affine_params(lo, hi, c.a_bits)
             st["act"] = torch.cat([delta, zero]).float()
         return st
@@ -351,7 +358,8 @@ class PTQ4DiTQuantizer(Quantizer):
             store = AffineWeight.from_packed(st["packed"], st["w_scale"], st["w_zero"], c.w_bits, tuple(m.weight.shape))
         else:
             store = AffineWeight(st["codes"], st["w_scale"], st["w_zero"], c.w_bits)
-        act = NoActQuant() if c.a_bits == 16 else StaticAffineActQuant(c.a_bits, st["act"][0].item(), st["act"][1].item())
+        act = (NoActQuant() if c.a_bits == 16
+               else StaticAffineActQuant(c.a_bits, st["act"][0].item(), st["act"][1].item()))
         rot = ChannelScale(st["inv_scale"].to(m.weight.device)) if "inv_scale" in st else None
         return QuantLinear(store.to(m.weight.device), m.bias, act, rotation=rot, compute_dtype=m.weight.dtype,
                            name=ref.fqn, treatment=f"ptq4dit w{c.w_bits}a{c.a_bits}")

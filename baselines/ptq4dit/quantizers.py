@@ -73,20 +73,27 @@ def fake_quant_affine(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, 
 
 
 def percentile_range(x: torch.Tensor, bits: int, percentiles: tuple[float, ...] = PERCENTILES,
-                     per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The clipping range with the least L2 fake-quant error among the plain min/max and the quantile clips
-    ``[q(1 - p), q(p)]`` for ``p`` in ``percentiles``; per row of a 2-D ``x`` or for the whole tensor.
+                     per_row: bool = False, minmax: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipping range with the least L2 fake-quant error among the quantile clips ``[q(1 - p), q(p)]`` for
+    ``p`` in ``percentiles`` (the official code's ``scale_method='mse'``: only these candidates, its min/max is
+    computed but never scored), plus the plain min/max when ``minmax`` (an ablation); per row of a 2-D ``x``
+    or for the whole tensor.
 
-    Returns ``(lo, hi, choice)`` with shapes (rows,) or (1,); ``choice`` 0 is min/max, k the k-th percentile.
+    Returns ``(lo, hi, choice)`` with shapes (rows,) or (1,); ``choice`` k is the k-th candidate in the order
+    [min/max (only with ``minmax``)] + ``percentiles``; ties go to the earliest.
     """
     x2 = x.float().reshape(x.shape[0], -1) if per_row else x.float().reshape(1, -1)
     xs = torch.sort(x2, dim=1).values
-    cands = [(xs[:, 0], xs[:, -1])] + [(quantile_sorted(xs, 1.0 - p), quantile_sorted(xs, p)) for p in percentiles]
+    cands = [(quantile_sorted(xs, 1.0 - p), quantile_sorted(xs, p)) for p in percentiles]
+    if minmax:
+        cands.insert(0, (xs[:, 0], xs[:, -1]))
+    if not cands:
+        raise ValueError("percentile_range needs at least one candidate (percentiles or minmax)")
     errs = []
     for lo, hi in cands:
         delta, zero = affine_params(lo[:, None], hi[:, None], bits)
         errs.append((fake_quant_affine(x2, delta, zero, bits) - x2).pow(2).sum(dim=1))
-    choice = torch.stack(errs).argmin(dim=0)  # ties: the earliest candidate (min/max first)
+    choice = torch.stack(errs).argmin(dim=0)  # ties: the earliest candidate
     rows = torch.arange(x2.shape[0])
     lo = torch.stack([c[0] for c in cands])[choice, rows]
     hi = torch.stack([c[1] for c in cands])[choice, rows]
@@ -132,7 +139,8 @@ class AffineWeight(WeightStore):
         self = cls.__new__(cls)
         WeightStore.__init__(self)
         self.bits, self.shape = bits, tuple(shape)
-        if packed.numel() != -(-shape[0] * shape[1] * bits // 8) or scale.numel() != shape[0] or zero.numel() != shape[0]:
+        if (packed.numel() != -(-shape[0] * shape[1] * bits // 8) or scale.numel() != shape[0]
+                or zero.numel() != shape[0]):
             raise ValueError(f"saved weights do not fit shape {shape} at {bits} bits")
         self.register_buffer("codes", packed)
         self.register_buffer("scale", scale.reshape(-1).float())

@@ -9,8 +9,10 @@ ranges). Plans (``plan``):
   W4A8"). Calibration runs the FP model's sampler and keeps per target linear and timestep range r (of
   ``timerange``, on the 0..1000 scale) ``act_scale[r] = EMA_momentum(mean over batch of max over tokens
   |x|)``; then ``s_r = act_scale[r]^alpha_r / max_i |W_ij|^(1 - alpha_r)``, activations are divided by
-  ``s_r`` online and ``W * s_r`` is quantized separately per range. At runtime each call uses the range
-  of its sampler step (``layers.position``).
+  ``s_r`` online and ``W * s_r`` is quantized separately per range. Ranges are looked up by the
+  **value** of the denoiser's timestep input (0..1000 scale, as upstream's ``find_interval(timerange, t)``;
+  ``layers.TimestepHook``), at calibration and at sampling time, so shifted FlowMatch schedules (FLUX, Wan)
+  put each step in the range its timestep is in, not the one its index would give.
 * ``static_dynamic``: the ICLR-version reconstruction ([I], no released recipe): one static scale ``s``
   from the noisiest range's ``act_scale`` (exponent ``sd_alpha``), then an online Hadamard rotation
   (``rotation``), then per-token dynamic quantization: ``x -> H(x / s)``, ``W -> H(W * s)`` row-wise.
@@ -39,7 +41,17 @@ from orbitquant.registry import register_method
 from orbitquant.rotation import make_rotation
 from orbitquant.types import ROLES, LayerRef
 
-from .layers import ScheduledQuantLinear, SmoothRotate, StepSchedule, TokenActQuant, check_timerange, position
+from .layers import (
+    ScheduledQuantLinear,
+    SmoothRotate,
+    StepSchedule,
+    TimestepHook,
+    TokenActQuant,
+    check_timerange,
+    current_timestep,
+    equivalent_t,
+    range_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +112,8 @@ class ActScaleEMA:
     """Forward hooks keeping, per linear and timestep range, ViDiT-Q's ``act_scale``: an EMA over calls
     (``scale <- m * scale + (1 - m) * cur``, the first call initialising it) of ``cur = mean over samples of
     max over tokens |x|``. An input of 3+ dims is (samples, tokens..., channels); a 2-D input has one token
-    per row. The range comes from the published denoiser call (``layers.position``)."""
+    per row. The range comes from the call's timestep value (``layers.equivalent_t``: the denoiser's timestep
+    input, else the published step index)."""
 
     def __init__(self, timerange: tuple[tuple[int, int], ...], momentum: float) -> None:
         self.range_his = tuple(hi for _, hi in timerange)
@@ -110,15 +123,15 @@ class ActScaleEMA:
         self.unpublished = 0
         self._hooks: list = []
 
-    def range_of(self, p: float) -> int:
-        t = 1000.0 * (1.0 - p)
-        return next((i for i, hi in enumerate(self.range_his) if t <= hi), len(self.range_his) - 1)
+    def range_of(self, t: float) -> int:
+        """The range of timestep value ``t`` (0..1000)."""
+        return range_index(self.range_his, t)
 
     def observe(self, fqn: str, x: torch.Tensor) -> None:
         call = current_call()
-        if call is None or not call.n_steps:
+        if current_timestep() is None and (call is None or not call.n_steps):
             self.unpublished += 1
-        r = self.range_of(position(call))
+        r = self.range_of(equivalent_t(call))
         x = x.detach()
         if x.dim() >= 3:  # max over tokens of |x| as max(max x, -min x): no full-size copy of a large input
             xs = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -153,6 +166,7 @@ class ViDiTQQuantizer(Quantizer):
         self.plan = config.resolved_plan
         self.act_scale: dict[str, torch.Tensor] = {}  # fqn -> (n_ranges, in_features)
         self.collector: ActScaleEMA | None = None
+        self.timesteps = TimestepHook()
         self._rotations: dict[int, nn.Module] = {}
 
     @property
@@ -162,6 +176,8 @@ class ViDiTQQuantizer(Quantizer):
     # ---------------------------------------------------------------------------------------- calibration
     def prepare(self, layers: list[LayerRef], model: nn.Module | None = None) -> None:
         self.layers = layers
+        if self.plan == "timestep_cb" or self.needs_calibration:  # stays attached: the layers pick ranges by it
+            self.timesteps.attach(model)
         if self.needs_calibration:
             self.collector = ActScaleEMA(self.config.timerange, self.config.momentum).attach(layers)
 
@@ -183,11 +199,11 @@ class ViDiTQQuantizer(Quantizer):
             log.warning("vidit_q: no calibration call fell in timestep range(s) %s; using the nearest range's "
                         "scale there", sorted(filled))
         if col.unpublished:
-            log.warning("vidit_q: %d calibration calls had no published sampler step; counted as t=500",
+            log.warning("vidit_q: %d calibration calls had no timestep value or sampler step; counted as t=500",
                         col.unpublished)
         first = next(iter(col.updates.values()))
         return {"plan": self.plan, "updates_per_range": first, "ranges_filled_from_neighbour": sorted(filled),
-                "unpublished_calls": col.unpublished}
+                "unpublished_calls": col.unpublished, "timestep_valued_calls": self.timesteps.published}
 
     def calibration_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         if not self.act_scale:

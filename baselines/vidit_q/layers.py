@@ -1,15 +1,20 @@
 """Timestep-dependent pieces of ViDiT-Q: where a denoiser call sits in sampling, and a ``QuantLinear`` that
 holds one (weight store, input transform) per variant and picks one per call.
 
-Position in sampling: a call at sampler step ``step`` of ``n_steps`` has ``p = step / n_steps`` (0 = the
-noisiest step) and the equivalent timestep ``t = 1000 (1 - p)`` on ViDiT-Q's 0..1000 scale. Without a
-published call (the harness's per-layer probe, which the digits adapter runs at t = 0.5) or without
-``n_steps``, ``p = 0.5`` (t = 500): the middle of sampling.
+Timestep of a call: as upstream (``QuantModel.forward`` sets ``cur_timestep_id = t[0]``, the model's own
+timestep input, and ``find_interval`` looks it up in ``timerange``), the **value** of the denoiser's timestep
+argument on the 0..1000 scale (1000 = noise), read by :class:`TimestepHook` on the denoiser. On a shifted
+schedule (FLUX, Wan, Z-Image: FlowMatch with shift) it differs from the step index: Wan's shift 7 keeps
+t > 500 for most steps. Families whose input is not on that scale are converted (``TIMESTEP_CONVENTIONS``).
+Without a published value (a bare module called under ``denoiser_call``) the step index stands in:
+``p = step / n_steps`` (0 = the noisiest step), ``t = 1000 (1 - p)``; without ``n_steps`` either,
+``p = 0.5`` (t = 500). The mixed-precision bit groups stay shares of the sampler steps (by index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,82 @@ def position(call: DenoiserCall | None) -> float:
     return min(max(call.step / call.n_steps, 0.0), 1.0)
 
 
+#: denoiser classes whose timestep input is not ViDiT-Q's 0..1000 scale (1000 = noise): (scale, reversed).
+#: FLUX pipelines pass ``t / 1000``; Z-Image passes ``(1000 - t) / 1000`` (0 = noise). DiT, CogVideoX, Wan and
+#: the digits model pass the scheduler's timestep itself.
+TIMESTEP_CONVENTIONS: dict[str, tuple[float, bool]] = {
+    "FluxTransformer2DModel": (1000.0, False),
+    "ZImageTransformer2DModel": (1000.0, True),
+}
+
+_TIMESTEP: ContextVar[float | None] = ContextVar("vidit_q_timestep", default=None)
+
+
+def timestep_value(model: nn.Module, args: tuple, kwargs: dict) -> float | None:
+    """The timestep of a denoiser forward on the 0..1000 scale: the ``timestep`` keyword or the second
+    positional argument (first element; upstream asserts one timestep per batch), converted by class."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if isinstance(t, torch.Tensor):
+        if not t.numel():
+            return None
+        t = float(t.flatten()[0])
+    if not isinstance(t, (int, float)):
+        return None
+    scale, reverse = TIMESTEP_CONVENTIONS.get(type(model).__name__, (1.0, False))
+    t = float(t) * scale
+    return 1000.0 - t if reverse else t
+
+
+class TimestepHook:
+    """Publishes the denoiser's timestep value (:func:`timestep_value`) for the duration of each forward, for
+    calibration and for the quantized layers' variant choice at sampling time (stays attached)."""
+
+    def __init__(self) -> None:
+        self.published = 0
+        self._handles: list = []
+
+    def attach(self, model: nn.Module | None) -> TimestepHook:
+        if model is None:
+            return self
+        tokens: list = []
+
+        def pre(mod, args, kwargs):
+            t = timestep_value(mod, args, kwargs)
+            self.published += t is not None
+            tokens.append(_TIMESTEP.set(t))
+
+        def post(_mod, _args, _kwargs, _out):
+            if tokens:
+                _TIMESTEP.reset(tokens.pop())
+
+        self._handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                         model.register_forward_hook(post, with_kwargs=True, always_call=True)]
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def current_timestep() -> float | None:
+    """The timestep value published by :class:`TimestepHook` for the running denoiser forward (None outside)."""
+    return _TIMESTEP.get()
+
+
+def equivalent_t(call: DenoiserCall | None, t: float | None = None) -> float:
+    """ViDiT-Q's timestep of a call: the published value ``t`` (default :func:`current_timestep`) when there is
+    one, else ``1000 (1 - position(call))``."""
+    t = current_timestep() if t is None else t
+    return float(t) if t is not None else 1000.0 * (1.0 - position(call))
+
+
+def range_index(range_his: Sequence[int], t: float) -> int:
+    """The range of timestep ``t``: the first with ``t <= hi`` (ranges are contiguous integer intervals;
+    upstream's ``find_interval`` on an integer t is the same)."""
+    return next((i for i, hi in enumerate(range_his) if t <= hi), len(range_his) - 1)
+
+
 def check_timerange(timerange: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
     """ViDiT-Q's contiguous integer ranges covering 0..1000, e.g. ``[[0, 500], [501, 1000]]`` (as its code
     asserts: each range starts one after the previous end, the first at 0, the last ends at 1000)."""
@@ -49,33 +130,45 @@ def check_timerange(timerange: Sequence[Sequence[int]]) -> tuple[tuple[int, int]
 class StepSchedule:
     """Which weight variant a denoiser call uses.
 
-    ``range_his``: upper ends of the timestep ranges (ascending, 0..1000 scale); a call with equivalent
-    timestep ``t`` is in the first range with ``t <= hi``. ``group_bits``: weight bits per mixed-precision
-    timestep group, groups being equal shares of the sampler steps (``floor(G * step / n_steps)``, 0 =
-    noisiest); one entry = no mixed precision. ``keys``: the (range, bits) pair of each variant.
+    ``range_his``: upper ends of the timestep ranges (ascending, 0..1000 scale); a call with timestep value
+    ``t`` (:func:`equivalent_t`) is in the first range with ``t <= hi``. ``group_bits``: weight bits per
+    mixed-precision timestep group, groups being equal shares of the sampler steps (``floor(G * step /
+    n_steps)``, 0 = noisiest); one entry = no mixed precision. ``keys``: the (range, bits) pair of each
+    variant (``reachable``: the pairs of an unshifted schedule). A pair without a variant (on a schedule
+    shifted below t = 1000 (1 - p), e.g. an 8-bit early step already in a low range) uses the variant of the
+    same bits in the nearest range.
     """
 
     range_his: tuple[int, ...]
     group_bits: tuple[int, ...]
     keys: tuple[tuple[int, int], ...]
 
-    def key_at(self, p: float) -> tuple[int, int]:
-        t = 1000.0 * (1.0 - p)
-        r = next((i for i, hi in enumerate(self.range_his) if t <= hi), len(self.range_his) - 1)
+    def key_at(self, p: float, t: float | None = None) -> tuple[int, int]:
+        """(range, bits) at sampling position ``p`` with timestep value ``t`` (default ``1000 (1 - p)``)."""
+        r = range_index(self.range_his, 1000.0 * (1.0 - p) if t is None else t)
         g = min(int(p * len(self.group_bits)), len(self.group_bits) - 1)
         return r, self.group_bits[g]
 
-    def variant(self, call: DenoiserCall | None) -> int:
-        return self.keys.index(self.key_at(position(call)))
+    def index_of(self, key: tuple[int, int]) -> int:
+        if key in self.keys:
+            return self.keys.index(key)
+        r, bits = key
+        same = [i for i, k in enumerate(self.keys) if k[1] == bits] or list(range(len(self.keys)))
+        return min(same, key=lambda i: (abs(self.keys[i][0] - r), -self.keys[i][0]))
+
+    def variant(self, call: DenoiserCall | None, t: float | None = None) -> int:
+        p = position(call)
+        return self.index_of(self.key_at(p, equivalent_t(call, t)))
 
     @property
     def default(self) -> int:
         """The variant of a call at ``DEFAULT_POSITION`` (the probe batch)."""
-        return self.keys.index(self.key_at(DEFAULT_POSITION))
+        return self.index_of(self.key_at(DEFAULT_POSITION))
 
     @staticmethod
     def reachable(range_his: Sequence[int], group_bits: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        """Every (range, bits) pair some position p in [0, 1) maps to, in order of first appearance."""
+        """Every (range, bits) pair some position p in [0, 1) maps to when ``t = 1000 (1 - p)`` (an unshifted
+        schedule), noisiest range first."""
         keys: list[tuple[int, int]] = []
         n_g = len(group_bits)
         for g, bits in enumerate(group_bits):
