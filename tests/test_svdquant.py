@@ -140,3 +140,103 @@ def test_share_qkv_false_and_different_inputs_fit_per_layer():
     assert report.calibration["shared_qkv_groups"] == 0
     assert report.calibration["extra_params"] == 8 * (3 * 128 + 64 + 64 + 96)
     assert len({m.lr_down.data_ptr() for m in (model.q, model.k, model.v)}) == 3
+
+
+def test_weight_range_is_the_recipes_ratio_one_unless_clip_search():
+    """The INT4 recipe runs no weight-clip search (calib_range strategy Manual, ratio 1.0); clip_search=true does."""
+    from baselines.svdquant import SVDQuantQuantizer
+
+    g = torch.Generator().manual_seed(5)
+    resid = torch.distributions.StudentT(2.0).sample((96, 128))  # heavy tails: a shrink pays off
+    x = torch.randn(256, 128, generator=g)
+    ch = {"y": x @ resid.T, "x_s": x, "x_q": x}
+    lr = torch.zeros_like(resid)
+    assert not SVDQuantConfig().clip_search
+    assert SVDQuantQuantizer(SVDQuantConfig())._clip(ch, lr, resid)[0] == 1.0
+    shrink, err = SVDQuantQuantizer(SVDQuantConfig(clip_search=True))._clip(ch, lr, resid)
+    assert 0.8 <= shrink < 1.0 and err < SVDQuantQuantizer(SVDQuantConfig())._clip(ch, lr, resid)[1]
+
+
+class _FFN(torch.nn.Module):
+    """up -> GELU (tanh) -> down, as diffusers' FeedForward; with ``glu`` the down-projection reads a signed input."""
+
+    def __init__(self, d=64, hidden=256, glu=False, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.up, self.down = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, d)
+        with torch.no_grad():
+            self.up.weight.copy_(torch.randn(hidden, d, generator=g) / d ** 0.5)
+            self.down.weight.copy_(torch.randn(d, hidden, generator=g) / hidden ** 0.5)
+        self.glu = glu
+
+    def hidden(self, x):
+        h = self.up(x)
+        return h * torch.nn.functional.silu(h.flip(-1)) if self.glu else torch.nn.functional.gelu(h, approximate="tanh")
+
+    def forward(self, x):
+        return self.down(self.hidden(x))
+
+    def refs(self):
+        from orbitquant.types import LayerRef
+
+        return [LayerRef("up", "ff.up", 0, self.up), LayerRef("down", "ff.down", 0, self.down)]
+
+
+def _quantize_ffn(glu=False, **kw):
+    model = _FFN(glu=glu)
+    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(4))  # (batch, tokens, d)
+    h = model.hidden(x).detach()
+    ref = torch.nn.functional.linear(h, model.down.weight, model.down.bias).detach()
+    model.orig_down = (model.down.weight.detach().clone(), model.down.bias.detach().clone())
+    cfg = SVDQuantConfig(rank=8, alpha_grid=4, lowrank_iters=2, **kw)
+    report = oq.quantize_(model, cfg, layers=model.refs(), calibrate=lambda: model(x))
+    return model, report, h, ref
+
+
+def test_gelu_down_projection_input_is_shifted_and_quantized_unsigned():
+    """The INT4 recipe: shift_activations shifts the GELU output by 0.171875 (>= 0) and allow_unsigned quantizes
+    it as uint4 (codes 0..15, scale max / 15); the bias absorbs -W 1 shift."""
+    from baselines.svdquant import DOWN_SHIFT, UnsignedGroupActQuant, fake_quant_groups_unsigned
+
+    model, report, h, ref = _quantize_ffn()
+    down = model.down
+    assert isinstance(down.act, UnsignedGroupActQuant) and down.rotation.shift == DOWN_SHIFT == 0.171875
+    assert "shifted-unsigned" in down.treatment and report.calibration["shifted_unsigned_layers"] == 1
+    assert model.up.act.symmetric and type(model.up.rotation).__name__ == "ChannelScale"  # not a down-proj
+    t = down.rotation(h)  # (h + shift) / lam: non-negative
+    assert float(t.min()) >= 0.0
+    q = down.act(t)
+    assert float(q.min()) >= 0.0
+    # unsigned grid: per token x group of 64, codes 0..15 with scale max / 15
+    groups = t.reshape(-1, 64)
+    scale = groups.amax(dim=-1, keepdim=True) / 15
+    codes = q.reshape(-1, 64) / scale
+    torch.testing.assert_close(codes, codes.round().clamp(0, 15), rtol=0, atol=1e-3)
+    torch.testing.assert_close(q, fake_quant_groups_unsigned(t, 4, 64))
+    w, b = model.orig_down  # the unquantized down-projection
+    torch.testing.assert_close(down.bias, b - w.sum(dim=1) * DOWN_SHIFT, rtol=1e-5, atol=1e-5)
+    # end to end: the unsigned grid has twice the resolution of the signed one on this non-negative input
+    err = relative_error(ref, down(h))
+    model_signed, report_signed, _, _ = _quantize_ffn(shift_down=False)
+    assert report_signed.calibration["shifted_unsigned_layers"] == 0
+    assert model_signed.down.act.symmetric and type(model_signed.down.rotation).__name__ == "ChannelScale"
+    assert err < 0.8 * relative_error(ref, model_signed.down(h))  # measured 0.113 vs 0.189
+
+
+def test_signed_down_projection_input_is_not_shifted():
+    """A GLU FFN's down-projection input is signed (upstream: intermediate_lowerbound None): no shift."""
+    model, report, _, _ = _quantize_ffn(glu=True)
+    assert report.calibration["shifted_unsigned_layers"] == 0
+    assert model.down.act.symmetric and "shifted" not in model.down.treatment
+
+
+def test_searches_use_calib_samples_worth_of_tokens_or_the_reservoir_cap():
+    """Upstream searches on every token of its 128 calibration samples; ours on calib_samples x tokens-per-sample
+    tokens per layer (here 4 images x 64 tokens = 256 seen), or a capped reservoir."""
+    _, report, _, _ = _quantize_ffn()
+    assert SVDQuantConfig().reservoir is None and SVDQuantConfig().calib_samples == 128
+    assert report.calibration["search_tokens_per_layer"] == 256  # every token: 128 samples x 64 > 256 seen
+    _, report, _, _ = _quantize_ffn(calib_samples=2)
+    assert report.calibration["search_tokens_per_layer"] == 2 * 64
+    _, report, _, _ = _quantize_ffn(reservoir=100)
+    assert report.calibration["search_tokens_per_layer"] == 100

@@ -9,13 +9,27 @@ Per target linear, from calibration activations (the model's own sampler, every 
    the layer output error ``||X W^T - (X^ L^T + fq_a(X^) Q^T)||`` improves (at most ``lowrank_iters``).
    Each smoothing candidate is scored with one split in place (the code's ``allow_low_rank``); the
    winner gets the full alternation (a speed deviation: 39 x 5 SVDs per layer would dominate).
-3. **Clip search** on the residual ``R = W^ - L``: the weight scale shrink in [1 - max_shrink, 1] over
-   ``clip_grid`` points, by the same output error.
+3. **Weight range**: the INT4 recipe keeps the residual's absmax scale (deepcompressor ``calib_range``
+   ``strategy: Manual, ratio: 1.0``: no search). ``clip_search=true`` instead searches the weight scale
+   shrink in [1 - max_shrink, 1] over ``clip_grid`` points by the same output error (not upstream).
 4. **Quantizers**: weights symmetric INT-b per group of ``group`` (64) input channels with bf16 scales;
    activations symmetric, dynamic, per token x group of 64; the rank-r branch ``L = U D`` in bf16 on the
    smoothed, unquantized input. Runtime: ``y = fq_a(x / lam) R_q^T + (x / lam) D^T U^T + b``.
+5. **Shifted unsigned FFN down-projection** (``shift_down``, the INT4 recipe's ``pipeline.shift_activations:
+   true`` + ``ipts.allow_unsigned: true``): the input of a GELU FFN's down-projection (roles ``ff.down``,
+   ``ctx.ff.down``) is shifted by ``DOWN_SHIFT = 0.171875`` (deepcompressor's GELU lower bound, ``-0.17``
+   rounded to a bf16/fp16-exact value) so it is non-negative, the bias absorbs ``- W 1 * shift`` (computed
+   from the unquantized weight, as ``ShiftedLinear.from_linear``), and the layer (smoothing search, low-rank
+   split, quantizers) is fitted on the shifted input with *unsigned* INT-b activations (codes [0, 2^b - 1],
+   scale max / (2^b - 1) per token x group). Runtime: ``x' = x + shift``, then the formula above on ``x'``.
+   Applied where calibration shows the input bounded below by ``-shift`` (a GELU-type FFN; a GLU FFN's
+   down-projection is signed and stays as it is, as upstream's ``intermediate_lowerbound`` is None for GLU).
 
-Errors are measured on a seeded reservoir of ``reservoir`` calibration tokens per layer.
+The searches are measured on calibration tokens: by default (``reservoir=null``) a seeded uniform sample of
+``calib_samples`` (128, deepcompressor's ``quant.calib.num_samples``) samples' worth of tokens per layer (a
+sample: one image / video at one sampler step and CFG half, i.e. ``calib_samples x tokens-per-sample``
+tokens), where upstream uses every token of its 128 calibration samples (``sample_size: -1``); an integer
+``reservoir`` caps it at that many tokens (for memory on large models).
 
 **Shared-input groups** (``share_qkv``, as deepcompressor's ``exclusive: false``): the q/k/v linears of one
 block (roles ``attn.q/k/v``; likewise ``ctx.q/k/v``) read the same input, checked on the collected
@@ -31,14 +45,17 @@ report's per-layer bytes are an upper bound), and the calibration facts give the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 
+from orbitquant.calib import ActivationCollector
 from orbitquant.config import QuantConfig
 from orbitquant.methods.base import CollectingQuantizer
-from orbitquant.nn import ChannelScale, GroupActQuant, GroupWeight, LowRankQuantLinear
+from orbitquant.nn import ActQuantizer, ChannelScale, GroupActQuant, GroupWeight, LowRankQuantLinear, NonFiniteInput
 from orbitquant.primitives import dequantize_groups, fake_quant_groups, quantize_groups
 from orbitquant.registry import register_method
 from orbitquant.types import LayerRef
@@ -54,9 +71,12 @@ class SVDQuantConfig(QuantConfig):
     alpha_grid: int = 20      # smoothing candidates: (0,0), (a,0), (a,1-a) for a = k / alpha_grid
     lowrank_iters: int = 5    # the code allows 100 with early stop; it stops within a few on our models
     exact_svd: bool = False   # False: torch.svd_lowrank (q = rank + 10, 4 power iterations); True: full SVD
+    clip_search: bool = False  # False: weight scale ratio 1.0 (the INT4 recipe); True: search clip_grid shrinks
     clip_grid: int = 80
     max_shrink: float = 0.2
-    reservoir: int = 256
+    reservoir: int | None = None  # None: calib_samples samples' worth of tokens per layer; an int caps the tokens
+    calib_samples: int = 128  # deepcompressor quant.calib.num_samples
+    shift_down: bool = True   # shifted, unsigned input of GELU FFN down-projections (the INT4 recipe)
     seed: int = 0
     share_qkv: bool = True    # q/k/v of a block (same input) share one smoothing and one low-rank branch
 
@@ -68,6 +88,89 @@ class SVDQuantConfig(QuantConfig):
             raise ValueError("rank >= 0, group >= 1, alpha_grid >= 2, lowrank_iters >= 1 and clip_grid >= 1")
         if not 0 <= self.max_shrink < 1:
             raise ValueError("max_shrink must be in [0, 1)")
+        if (self.reservoir is not None and self.reservoir < 1) or self.calib_samples < 1:
+            raise ValueError("reservoir (null or >= 1) and calib_samples (>= 1) must be positive")
+
+
+#: deepcompressor's GELU lower bound (``FeedForwardConfigStruct.infer_lowerbound('gelu')``): the down-projection shift
+DOWN_SHIFT = 0.171875
+#: roles whose input is an FFN's activation output (a shift candidate)
+DOWN_ROLES = ("ff.down", "ctx.ff.down")
+
+
+def fake_quant_groups_unsigned(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Unsigned round-to-nearest per row and contiguous group of ``group`` channels: codes [0, 2^b - 1], scale
+    max / (2^b - 1), zero point 0 (deepcompressor's ``uint`` activations; negative values clamp to 0)."""
+    xf = x.float()
+    d = xf.shape[-1]
+    g = d if group <= 0 or group >= d else group
+    pad = (-d) % g
+    xp = torch.nn.functional.pad(xf, (0, pad)).unflatten(-1, (-1, g))
+    hi_q = (1 << bits) - 1
+    scale = (xp.amax(dim=-1, keepdim=True) / hi_q).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.clamp(torch.round(xp / scale), 0, hi_q) * scale
+    return q.flatten(-2)[..., :d].to(x.dtype)
+
+
+class UnsignedGroupActQuant(ActQuantizer):
+    """Dynamic unsigned INT-b per token x channel group, for a shifted (non-negative) input."""
+
+    def __init__(self, bits: int, group: int) -> None:
+        super().__init__()
+        self.bits, self.group, self.symmetric = bits, group, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if not torch.isfinite(xf.abs().amax()):
+            raise NonFiniteInput("activation contains NaN or Inf")
+        return fake_quant_groups_unsigned(xf, self.bits, self.group)
+
+    def bits_per_element(self, d: int) -> float:
+        return self.bits + 16 / (self.group if 0 < self.group < d else d)  # fp16 scale per token and group
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group={self.group}, unsigned=True"
+
+
+class ShiftedChannelScale(nn.Module):
+    """``(x + shift) * inv_scale`` per channel: the down-projection's shift, then the smoothing."""
+
+    def __init__(self, shift: float, inv_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.shift = float(shift)
+        self.register_buffer("inv_scale", inv_scale.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() + self.shift) * self.inv_scale
+
+    def extra_repr(self) -> str:
+        return f"shift={self.shift}"
+
+
+@dataclass
+class SampleCollector(ActivationCollector):
+    """The shared collector with a per-layer reservoir of ``samples`` samples' worth of tokens (tokens per sample
+    from the first input a layer sees: the product of its middle dims), capped at ``cap``; it also records the
+    per-channel min/max of the ``bounded`` layers (the shift candidates)."""
+
+    samples: int = 128
+    cap: int | None = None
+    bounded: frozenset = frozenset()
+    sizes: dict = field(default_factory=dict)
+    lo: dict = field(default_factory=dict)
+    hi: dict = field(default_factory=dict)
+
+    def _observe(self, fqn: str, x: torch.Tensor) -> None:
+        if fqn not in self.sizes:
+            per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 3 else 1
+            self.sizes[fqn] = min(self.samples * per_sample, self.cap or math.inf)
+        if fqn in self.bounded:
+            xf = x.detach().float().reshape(-1, x.shape[-1])
+            lo, hi = xf.amin(dim=0).cpu(), xf.amax(dim=0).cpu()
+            self.lo[fqn] = torch.minimum(self.lo[fqn], lo) if fqn in self.lo else lo
+            self.hi[fqn] = torch.maximum(self.hi[fqn], hi) if fqn in self.hi else hi
+        self.reservoir = self.sizes[fqn]
+        super()._observe(fqn, x)
 
 
 def smoothing_candidates(n: int) -> list[tuple[float, float]]:
@@ -121,6 +224,19 @@ def _output_error(y: torch.Tensor, x_s: torch.Tensor, x_q: torch.Tensor, lr: tor
 class SVDQuantQuantizer(CollectingQuantizer):
     config_cls = SVDQuantConfig
 
+    def prepare(self, layers: list[LayerRef], model: nn.Module | None = None) -> None:
+        c: SVDQuantConfig = self.config
+        self.layers = layers
+        bounded = frozenset(r.fqn for r in layers if c.shift_down and r.role in DOWN_ROLES)
+        self.collector = SampleCollector(reservoir=c.reservoir or 1, seed=c.seed, samples=c.calib_samples,
+                                         cap=c.reservoir, bounded=bounded).attach(layers)
+
+    def _shift(self, ref: LayerRef) -> float:
+        """The input shift of ``ref``: ``DOWN_SHIFT`` for a down-projection whose calibration input stayed
+        at or above ``-DOWN_SHIFT`` (GELU-type), else 0."""
+        lo = self.collector.lo.get(ref.fqn)
+        return DOWN_SHIFT if lo is not None and float(lo.min()) >= -DOWN_SHIFT else 0.0
+
     def finish_calibration(self) -> dict:
         self.choices: dict[str, dict] = {}  # per layer: alpha, beta, clip, calibration error, extra params
         self._fitted: dict[str, dict] = {}  # group members fitted jointly, waiting for their quantize_layer
@@ -130,9 +246,16 @@ class SVDQuantQuantizer(CollectingQuantizer):
         self.group_of = {r.fqn: g for g in groups for r in g}
         unshared = sum(c.rank * (r.module.in_features + r.module.out_features) for r in self.layers)
         shared = unshared - sum(c.rank * r.module.in_features for g in groups for r in g[1:])  # D once per group
-        return {"tokens_per_layer": min(st.tokens for st in stats.values()), "reservoir": c.reservoir,
+        shifted = [r.fqn for r in self.layers if self._shift(r)]
+        return {"tokens_per_layer": min(st.tokens for st in stats.values()),
+                "search_tokens_per_layer": min(len(st.reservoir) for st in stats.values()),
                 "candidates": len(smoothing_candidates(c.alpha_grid)), "shared_qkv_groups": len(groups),
-                "extra_params": shared, "extra_params_unshared": unshared}
+                "shifted_unsigned_layers": len(shifted), "extra_params": shared, "extra_params_unshared": unshared}
+
+    def _fq_x(self, x_s: torch.Tensor, unsigned: bool) -> torch.Tensor:
+        c: SVDQuantConfig = self.config
+        return fake_quant_groups_unsigned(x_s, c.a_bits, c.group) if unsigned else fake_quant_groups(
+            x_s, c.a_bits, True, c.group)
 
     def _fq_w(self, w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
         codes, scales = quantize_groups(w, self.config.w_bits, self.config.group, clip)
@@ -151,9 +274,9 @@ class SVDQuantQuantizer(CollectingQuantizer):
             prev, q, keep = err, q_new, lr
         return prev, keep
 
-    def _fit(self, x: torch.Tensor, w: torch.Tensor, ax: torch.Tensor) -> tuple[float, dict]:
+    def _fit(self, x: torch.Tensor, w: torch.Tensor, ax: torch.Tensor, unsigned: bool = False) -> tuple[float, dict]:
         """Smoothing search (each candidate scored with one low-rank split in place), then the iterative
-        low-rank refinement for the winner."""
+        low-rank refinement for the winner. ``unsigned``: ``x`` is a shifted, non-negative input."""
         c: SVDQuantConfig = self.config
         y = x @ w.T
         aw = w.abs().amax(dim=0).clamp_min(1e-5)
@@ -161,19 +284,21 @@ class SVDQuantQuantizer(CollectingQuantizer):
         for alpha, beta in smoothing_candidates(c.alpha_grid):
             lam = (ax.clamp_min(1e-5) ** alpha / aw ** beta).clamp_min(1e-5)
             x_s = x / lam
-            err, _ = self._split(y, x_s, fake_quant_groups(x_s, c.a_bits, True, c.group), w * lam, 1)
+            err, _ = self._split(y, x_s, self._fq_x(x_s, unsigned), w * lam, 1)
             if err < best_err:
                 best_err, best = err, {"alpha": alpha, "beta": beta, "lam": lam}
         x_s = x / best["lam"]
-        x_q = fake_quant_groups(x_s, c.a_bits, True, c.group)
+        x_q = self._fq_x(x_s, unsigned)
         best_err, best["lowrank"] = self._split(y, x_s, x_q, w * best["lam"], c.lowrank_iters)
         best.update(y=y, x_s=x_s, x_q=x_q)  # reused by the clip search
         return best_err, best
 
     def _clip(self, ch: dict, lr: torch.Tensor, resid: torch.Tensor) -> tuple[float, float]:
-        """Clip search on the residual by the layer output error: (best shrink, its error)."""
+        """Weight range of the residual: ratio 1.0 (upstream), or with ``clip_search`` the shrink of least layer
+        output error. Returns (shrink, its error)."""
         c: SVDQuantConfig = self.config
-        shrinks = torch.linspace(1.0 - c.max_shrink, 1.0, c.clip_grid).tolist() if c.clip_grid > 1 else [1.0]
+        search = c.clip_search and c.clip_grid > 1
+        shrinks = torch.linspace(1.0 - c.max_shrink, 1.0, c.clip_grid).tolist() if search else [1.0]
         errs = [_output_error(ch["y"], ch["x_s"], ch["x_q"], lr, self._fq_w(resid, s)) for s in shrinks]
         i = min(range(len(errs)), key=errs.__getitem__)
         return shrinks[i], errs[i]
@@ -223,14 +348,23 @@ class SVDQuantQuantizer(CollectingQuantizer):
             st = self.collector.stats[ref.fqn]
             w = m.weight.detach().float()
             x = st.reservoir.to(w.device).float()
-            _, ch = self._fit(x, w, st.absmax.to(w.device).float())
+            ax = st.absmax.to(w.device).float()
+            if shift := self._shift(ref):  # fit on the shifted input x + shift >= 0 (its absmax is max + shift)
+                x, ax = x + shift, self.collector.hi[ref.fqn].to(w.device).float() + shift
+            _, ch = self._fit(x, w, ax, unsigned=bool(shift))
             lam, lr = ch["lam"], ch["lowrank"]
             resid = w * lam - lr
             clip, err = self._clip(ch, lr, resid)
             self.choices[ref.fqn] = {"alpha": ch["alpha"], "beta": ch["beta"], "clip": clip, "calib_err": err,
                                      "extra_params": c.rank * (m.in_features + m.out_features)}
             up, down = self._factors(lr, m.out_features, m.in_features)
-        return LowRankQuantLinear(GroupWeight(resid, c.w_bits, c.group, clip), m.bias, up, down,
-                                  act=GroupActQuant(c.a_bits, c.group, symmetric=True),
-                                  rotation=ChannelScale(1.0 / lam), compute_dtype=m.weight.dtype, name=ref.fqn,
-                                  treatment=f"svdquant w{c.w_bits}a{c.a_bits} r{c.rank}")
+        bias, act, rot = m.bias, GroupActQuant(c.a_bits, c.group, symmetric=True), ChannelScale(1.0 / lam)
+        if (shift := self._shift(ref)) and ref.fqn not in self.group_of:
+            # ShiftedLinear: W (x + shift) + b - W 1 shift, the correction from the unquantized weight, in fp64
+            corr = m.weight.detach().double().sum(dim=1) * shift
+            bias = (-corr if m.bias is None else m.bias.detach().double() - corr).to(m.weight.dtype)
+            act, rot = UnsignedGroupActQuant(c.a_bits, c.group), ShiftedChannelScale(shift, 1.0 / lam)
+        return LowRankQuantLinear(GroupWeight(resid, c.w_bits, c.group, clip), bias, up, down, act=act,
+                                  rotation=rot, compute_dtype=m.weight.dtype, name=ref.fqn,
+                                  treatment=f"svdquant w{c.w_bits}a{c.a_bits} r{c.rank}"
+                                  + (" shifted-unsigned" if shift else ""))
