@@ -72,9 +72,15 @@ def load_artifact(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     return tensors, info
 
 
+#: bumped when what a method calibrates changes meaning (2: the baselines' official defaults of issue 20 -- ViDiT-Q's
+#: ranges by timestep value, Q-DiT's Hessians, SmoothQuant's roles...): older artifacts are never reused
+CALIBRATION_VERSION = 2
+
+
 def calibration_path(cache_dir: str | Path, cfg: dict, fingerprint: str) -> Path:
     """Where a run's calibration artifact lives: keyed by the model (config and weights), the method's full
     config (bits, hyper-parameters, seed), the calibration protocol, quant_seed, dtype and device."""
     key = cache_key(model=cfg["model"], weights=fingerprint, quant=cfg["quant"], calib=cfg["calib"],
-                    quant_seed=cfg["quant_seed"], dtype=cfg["dtype"], device=cfg["device"])
+                    quant_seed=cfg["quant_seed"], dtype=cfg["dtype"], device=cfg["device"],
+                    version=CALIBRATION_VERSION)
     return Path(cache_dir) / "calibration" / f"{cfg['model']['name']}-{cfg['quant']['method']}-{key}.safetensors"
