@@ -136,8 +136,11 @@ def test_every_experiment_composes_and_its_table_spec_is_valid(name):
     build_adapter(OmegaConf.to_container(cfg.model, resolve=True)).check_protocol(protocol, name)
     build_metrics(list(t.metrics))
     params = cfg.hydra.sweeper.params
-    for method in params.quant.split(","):
-        assert method in METHODS.names()
+    for option in params.quant.split(","):  # a quant config (conf/quant/<option>.yaml) of a registered method
+        qcfg = OmegaConf.load(ROOT / "conf/quant" / f"{option}.yaml")
+        while "method" not in qcfg:  # a preset on top of another (defaults: [ptq4dit, _self_])
+            qcfg = OmegaConf.load(ROOT / "conf/quant" / f"{qcfg.defaults[0]}.yaml")
+        assert qcfg.method in METHODS.names()
     for bits in params.bits.split(","):
         assert (ROOT / "conf/bits" / f"{bits}.yaml").exists()
     if t.paper:

@@ -332,7 +332,10 @@ def test_run_py_on_tiny_dit(tmp_path):
     assert sorted(runs) == ["w4a8", "w4a8-mp"]
     for tag, res in runs.items():
         s = res["quant_report"]["summary"]
-        assert res["status"] == "ok" and min(s["calibration"]["updates_per_range"]) > 0, (tag, s["calibration"])
+        cal = s["calibration"]  # ranges follow timestep values: a smoke schedule may leave a range without steps,
+        filled = set(cal.get("ranges_filled_from_neighbour", []))  # which then takes its neighbour's statistics
+        assert res["status"] == "ok" and max(cal["updates_per_range"]) > 0, (tag, cal)
+        assert all(n > 0 or i in filled for i, n in enumerate(cal["updates_per_range"])), (tag, cal)
         assert res["metrics"]["psnr_vs_fp"]["value"] > 10
     assert "vidit_q timestep_cb w4a8" in runs["w4a8"]["quant_report"]["summary"]["treatments"]
     assert set(runs["w4a8-mp"]["quant_report"]["summary"]["treatments"]) >= {
