@@ -123,7 +123,12 @@ def clip_weights_path(model: str, weights: str | None = None) -> Path:
 
 def clip_sha256(model: str) -> str:
     """OpenAI's published sha256 of a CLIP file: the folder of its URL (clip's ``_download`` checks the same)."""
-    return CLIP_URLS[model].rsplit("/", 2)[1]
+    return url_sha256(CLIP_URLS[model])
+
+
+def url_sha256(url: str) -> str:
+    """The sha256 an OpenAI CLIP URL carries as the folder of its file."""
+    return url.rsplit("/", 2)[1]
 
 
 def find_clip_weights(model: str, weights: str | None = None) -> Path:

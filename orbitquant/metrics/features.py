@@ -56,12 +56,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def file_checksum(path: str | Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_checksum(path: str | Path) -> str:
+    """The file's sha256 (``preflight.file_sha256``: hashed once per path, size and mtime, the digest remembered)."""
+    from ..preflight import file_sha256
+
+    return file_sha256(path)
 
 
 def tensor_checksum(x: torch.Tensor) -> str:

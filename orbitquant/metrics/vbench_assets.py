@@ -19,7 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .clip_score import CLIP_URLS  # openai-clip's clip._MODELS; the path segment before the file is its sha256
+# openai-clip's clip._MODELS; the path segment before the file is its sha256
+from .clip_score import CLIP_URLS, url_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,10 +129,6 @@ def hf_hub_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _clip_sha256(url: str) -> str:
-    return url.rsplit("/", 2)[-2]
-
-
 def _q(path: str | Path) -> str:
     return shlex.quote(str(path))
 
@@ -183,7 +180,7 @@ def checkpoint_needs(dimensions: list[str] | tuple[str, ...], cache_dir: str | P
         if url == DINO_REPO:
             out.append(dir_need(what, cache / Path(rel).parent, fix, contains=[Path(rel).name]))
         else:
-            sha = _clip_sha256(url) if url.startswith("https://openaipublic.") else None  # CLIP: digest in URL
+            sha = url_sha256(url) if url.startswith("https://openaipublic.") else None  # CLIP: digest in URL
             out.append(file_need(what, cache / rel, fix, sha256=sha))
     if not local:
         clips: dict[str, list[str]] = {}
@@ -194,7 +191,7 @@ def checkpoint_needs(dimensions: list[str] | tuple[str, ...], cache_dir: str | P
             url = CLIP_URLS[name]
             path = clip_cache_dir() / url.rsplit("/", 1)[-1]  # what clip.load downloads, and where
             fix = f"mkdir -p {_q(path.parent)} && wget {url} -O {_q(path)}"
-            out.append(file_need(f"CLIP {name} (clip.load) for {', '.join(by)}", path, fix, sha256=_clip_sha256(url)))
+            out.append(file_need(f"CLIP {name} (clip.load) for {', '.join(by)}", path, fix, sha256=url_sha256(url)))
     for d in dims:
         if d in TORCH_HUB:
             repo, weights = TORCH_HUB[d]
