@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import faults, preflight
-from .atomic import DiskFull
+from .atomic import DiskFull, remove_stale_temps
 from .rundir import RunDir, atomic_write_json, config_hash, run_identity
 from .samplestore import FORMATS, SampleSet, StoreError, StoreWriter, check_owner
 
@@ -184,6 +184,8 @@ def claim(run: Run):
         yield False
         return
     with run.dir.guard(run.hash):
+        # what a killed writer of this run left (the lock rules out live ones): temp files never read, only in the way
+        remove_stale_temps(run.dir.path, "results.json", "status.json", QUANT_REPORT)
         yield True
 
 
@@ -318,9 +320,10 @@ def score(run: Run, samples, reference) -> tuple[dict, dict]:
 
 
 def record(run: Run, report: dict, samples, scores: dict, ref_scores: dict) -> dict:
-    """Previews, the layer-error plot and results.json (written last, atomically)."""
+    """Previews, the layer-error plot, record.json and results.json (written last, atomically)."""
     from .generate import save_previews
     from .nn import NONFINITE_EVENTS
+    from .records import write_record
     from .rundir import provenance
     from .viz import plot_layer_errors
 
@@ -335,7 +338,8 @@ def record(run: Run, report: dict, samples, scores: dict, ref_scores: dict) -> d
                "timing": run.times, "memory": run.memory, "files": files,
                "nonfinite": {"events": len(NONFINITE_EVENTS), "first": NONFINITE_EVENTS[:20]},
                "provenance": provenance(run.c["device"])}
-    run.dir.write_results(results)
+    write_record(run.dir.path, results)  # the compact, committable trail (orbitquant/records.py)
+    run.dir.write_results(results)  # last: a run with results.json is complete
     return results
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pandas as pd
+
+from .records import iter_results
 
 ID_COLS = ["model", "method", "tag", "eval", "quant_seed", "seed"]
 
@@ -45,11 +46,11 @@ def _bits_label(quant: dict) -> str:
 
 
 def load_results(root: str | Path = "results/runs") -> pd.DataFrame:
-    """One row per (run, metric): id columns, bits label (``W4A8``; ``fp``), metric, value, direction, n,
+    """Runs under ``root`` (a runs tree or a records folder, see :func:`orbitquant.records.iter_results`).
+    One row per (run, metric): id columns, bits label (``W4A8``; ``fp``), metric, value, direction, n,
     the fp reference value and the file it came from."""
     rows = []
-    for p in sorted(Path(root).glob("**/results.json")):
-        r = json.loads(p.read_text())
+    for p, r in iter_results(root):
         c = r["config"]
         q = r.get("quant_report", {}).get("summary", {})
         ids = {"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],
@@ -130,10 +131,10 @@ def _calib_amount(cal: dict) -> str:
 
 
 def load_costs(root: str | Path = "results/runs") -> pd.DataFrame:
-    """One row per run: quantization wall time and what calibration cost (seconds when fitted, inputs used)."""
+    """One row per run under ``root`` (a runs tree or a records folder): quantization wall time and what
+    calibration cost (seconds when fitted, inputs used)."""
     rows = []
-    for p in sorted(Path(root).glob("**/results.json")):
-        r = json.loads(p.read_text())
+    for _, r in iter_results(root):
         c, q = r["config"], r["quant_report"]["summary"]
         cal = q.get("calibration") or {}
         rows.append({"model": c["model"]["name"], "method": c["quant"]["method"], "tag": c["quant"]["tag"],

@@ -1,12 +1,17 @@
-"""Aggregate results/runs/**/results.json into mean ± std tables over seeds.
+"""Mean ± std tables over seeds, from committed run records or from fresh runs.
 
-    python scripts/make_tables.py digits                # an experiment (conf/experiment/digits.yaml) -> results/tables/
-    python scripts/make_tables.py                       # all runs, all metrics -> stdout
+    python scripts/make_tables.py digits --collect      # copy the digits runs' records from results/runs into
+                                                        # results/records/digits/, then build its tables
+    python scripts/make_tables.py digits                # results/records/digits/ -> results/tables/digits*.md,
+                                                        # .csv, .tex, _cost.md (and figures with --plots)
+    python scripts/make_tables.py                       # all runs under results/runs, all metrics -> stdout
     python scripts/make_tables.py --model digits --eval digits --out results/tables/digits.md   # + .csv, .tex
 
 Rows are (model, bits, method, tag); cells are mean ± std over seeds; the best mean of each metric among
 the quantized rows of the same (model, bits) is bold. Mixing eval protocols in one table is refused. An
 experiment with a ``<name>.paper.csv`` also gets "paper:" columns beside ours, joined on (method, bits).
+An experiment's tables are built from its records alone (``orbitquant/records.py``), so a fresh clone rebuilds
+every committed table byte for byte (``tests/test_records.py`` checks it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from orbitquant.records import RECORDS_DIR, collect
 from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table, to_latex, with_paper
 
 
@@ -27,12 +33,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", nargs="?", help="an experiment name (conf/experiment/<name>.yaml): its models, "
                     "eval and metrics, written to results/tables/<name>.md")
-    ap.add_argument("--root", default="results/runs")
+    ap.add_argument("--root", help="a runs tree or a records folder (default: results/records/<experiment> for an "
+                    "experiment, else results/runs)")
+    ap.add_argument("--collect", action="store_true", help="first copy the experiment's finished runs' records from "
+                    "--runs into results/records/<experiment>/")
+    ap.add_argument("--runs", default="results/runs", help="the runs tree --collect reads")
     ap.add_argument("--model", nargs="*", help="keep only these models")
     ap.add_argument("--eval", nargs="*", help="keep only these eval protocols")
     ap.add_argument("--metrics", nargs="*", help="metric columns (default: all)")
     ap.add_argument("--decimals", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write markdown here (and a .csv beside it)")
+    ap.add_argument("--figures", type=Path, default=ROOT / "results/figures", help="where --plots writes")
     ap.add_argument("--plots", action="store_true", help="also plot each metric vs bits per method (mean ± std) "
                     "to results/figures/<name>_<metric>.png")
     args = ap.parse_args()
@@ -49,13 +60,21 @@ def main() -> None:
         args.metrics = args.metrics or t.get("metrics")
         args.out = args.out or ROOT / "results/tables" / f"{args.experiment}.md"
         paper = ROOT / t["paper"] if t.get("paper") else None
+        records = ROOT / RECORDS_DIR / args.experiment
+        if args.collect:
+            n = len(collect(args.runs, records, args.model, args.eval[0]))
+            print(f"collected {n} run records into {records.relative_to(ROOT)}")
+        args.root = args.root or records
+    elif args.collect:
+        sys.exit("--collect needs an experiment name")
+    args.root = args.root or "results/runs"
     df = load_results(args.root)
     if not df.empty and args.model:
         df = df[df["model"].isin(args.model)]
     if not df.empty and args.eval:
         df = df[df["eval"].isin(args.eval)]
     if df.empty and paper is None:
-        sys.exit(f"no results.json under {args.root} match --model/--eval; run `python run.py` first")
+        sys.exit(f"no runs under {args.root} match --model/--eval; run `python run.py` first (and --collect)")
     if df.empty:  # a paper table before any run: show the paper's numbers, say so
         print(f"no runs of {args.experiment} under {args.root} yet: paper numbers only")
         table = pd.read_csv(paper, dtype={"bits": str}).set_index(["bits", "method"])
@@ -85,10 +104,10 @@ def main() -> None:
         for model, dm in df.groupby("model"):
             for metric in args.metrics or sorted(dm["metric"].unique()):
                 name = stem if df["model"].nunique() == 1 else f"{stem}_{model}"
-                p = plot_metric_vs_bits(dm, metric, ROOT / "results/figures" / f"{name}_{metric}.png",
+                p = plot_metric_vs_bits(dm, metric, args.figures / f"{name}_{metric}.png",
                                         f"{model}, eval={dm['eval'].iloc[0]}: {metric} vs bits")
                 if p:
-                    print(f"wrote {p.relative_to(ROOT)}")
+                    print(f"wrote {p}")
     costs = load_costs(args.root)
     costs = costs[costs["model"].isin(df["model"].unique()) & costs["eval"].isin(df["eval"].unique())]
     cost_md = cost_table(costs).reset_index().to_markdown(index=False)
