@@ -32,6 +32,16 @@ def test_activation_side_information_per_element():
     assert OrbitActQuant(get_codebook(128, 4)).bits_per_element(128) == 4 + 32 / 128  # the fp32 token norm
 
 
+def test_every_baseline_activation_quantizer_counts_its_side_information():
+    from baselines.ptq4dit.quantizers import StaticAffineActQuant
+    from baselines.svdquant import UnsignedGroupActQuant
+    from baselines.vidit_q.layers import TokenActQuant
+
+    assert TokenActQuant(4).bits_per_element(96) == 4 + 32 / 96  # per-token asymmetric: scale + zero point
+    assert StaticAffineActQuant(4, 0.1, 3).bits_per_element(96) == 4  # static per-tensor: ~0 per element
+    assert UnsignedGroupActQuant(4, 64).bits_per_element(128) == 4 + 16 / 64  # fp16 scale per token x group
+
+
 def _layer(q: QuantLinear, n_in: int, n_out: int) -> LayerRef:
     return LayerRef(fqn="l", role="attn.q", block=0, module=torch.nn.Linear(n_in, n_out))
 

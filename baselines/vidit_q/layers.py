@@ -201,6 +201,9 @@ class TokenActQuant(ActQuantizer):
         zero = torch.round(-mn / scale)
         return (torch.clamp(torch.round(xf / scale) + zero, 0, hi) - zero) * scale
 
+    def bits_per_element(self, d: int) -> float:
+        return self.bits + 32 / d  # fp16 scale and zero point per token, spread over its d elements
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per-token asymmetric, range holds 0"
 
