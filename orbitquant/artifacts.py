@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,14 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_artifact(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    """Write ``tensors`` and the JSON ``info`` to ``path`` (temp file + rename)."""
+    """Write ``tensors`` and the JSON ``info`` to ``path`` atomically (``atomic.atomic_path``): a reader sees the old
+    artifact or the whole new one; a full disk raises ``atomic.DiskFull``."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"info": json.dumps(info, default=str), "sha256": _digest(tensors)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_artifact(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:

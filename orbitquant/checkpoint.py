@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .api import _adaln_layer, _set_submodule, quantizer_for
+from .atomic import atomic_path, atomic_write
 from .config import QuantConfig
 from .nn import QuantLinear
 from .types import LayerRef
@@ -85,13 +85,14 @@ def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig,
     if not records:
         raise ValueError("the model has no quantized layers: run quantize_ first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / WEIGHTS)
     manifest = {"format": FORMAT, "config": config_dict(config), "layers": records, "meta": meta or {}}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)  # last: a directory with a manifest is complete
+    text = json.dumps(manifest, indent=1)  # the report may hold non-finite errors: JSON's NaN/Infinity, as before
+    # a directory with a manifest is complete: an old manifest goes first (it would vouch for the new weights),
+    # the new one is written last, each file atomically
+    (out / MANIFEST).unlink(missing_ok=True)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, tmp)
+    atomic_write(out / MANIFEST, lambda f: f.write(text.encode()))
     return out
 
 
@@ -135,8 +136,9 @@ def load_quantized(model: nn.Module, directory: str | Path, config: QuantConfig 
         for fqn, rec in manifest["layers"].items():
             old, fits = saved_layer_slot(model, fqn, rec)
             if not fits:
-                raise ValueError(f"checkpoint {directory} has a {rec['in']}->{rec['out']} linear {fqn!r} that this model "
-                                 f"lacks ({type(old).__name__ if old is not None else 'no such module'}): wrong model?")
+                raise ValueError(f"checkpoint {directory} has a {rec['in']}->{rec['out']} linear {fqn!r} that this "
+                                 f"model lacks ({type(old).__name__ if old is not None else 'no such module'}): "
+                                 "wrong model?")
             new = rebuild_layer(fqn, rec, saved, quantizer)
             prefix = fqn + "."
             state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}

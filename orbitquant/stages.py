@@ -185,7 +185,7 @@ def claim(run: Run):
         return
     with run.dir.guard(run.hash):
         # what a killed writer of this run left (the lock rules out live ones): temp files never read, only in the way
-        remove_stale_temps(run.dir.path, "results.json", "status.json", QUANT_REPORT)
+        remove_stale_temps(run.dir.path, "results.json", "record.json", "status.json", QUANT_REPORT)
         yield True
 
 

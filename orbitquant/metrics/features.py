@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 import types
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from .base import SampleSource, frames_per_item, rebatch
 
 #: the file torch-fidelity (and torchmetrics' FID/IS/KID) downloads: TF's 2015-12-05 Inception graph, converted
@@ -136,11 +136,8 @@ def extract(images: torch.Tensor | SampleSource | Iterable[torch.Tensor], extrac
         raise ValueError(f"{desc}: no images to extract features from")
     feats = {k: torch.cat(v) for k, v in parts.items()}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to a name without it
+            np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
     return feats
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..registry import register_metric
 from ..samplestore import STORE_FILE
 from ..types import MetricResult
@@ -121,10 +122,8 @@ class FeatureContext:
                 feats = extract(real.batches(metric.batch_size), net, batch_size=metric.batch_size,
                                 device=metric.device, progress=metric.progress,
                                 desc=f"reference features ({real.path.name})")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-                np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
-                os.replace(tmp, path)
+                with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to a name without it
+                    np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
             self._features[key] = feats
         return self._features[key]
 
