@@ -108,6 +108,17 @@ def mean_std_table(df: pd.DataFrame, metrics: list[str] | None = None,
     return table[cols + ["runs"]]
 
 
+def headline_table(df: pd.DataFrame, bits: list[str], metrics: list[str], exclude_tags: list[str] = (),
+                   decimals: int = 2) -> pd.DataFrame:
+    """The front-page comparison: :func:`mean_std_table` of ``metrics`` at the ``bits`` labels only (``W4A4``),
+    without the extra variants whose tag ends in one of ``exclude_tags`` (``-searched``, ``-mp``...), with the
+    measured bits beside each row so methods are read at the bits they really spend."""
+    keep = df["bits"].isin(bits) & ~df["tag"].map(lambda t: any(t.endswith(f"-{x}") for x in exclude_tags))
+    table = mean_std_table(df[keep], metrics, decimals=decimals)
+    hib = df.groupby("metric")["higher_is_better"].first()
+    return table.rename(columns={m: f"{m} {'↑' if hib[m] else '↓'}" for m in metrics if m in table.columns})
+
+
 #: columns of the measured bits (``QuantReport.effective_bits``): codes plus scales, zero points, low-rank branches
 #: and extra copies per weight; codes plus per-token / per-group side information per activation element
 MEASURED_BITS = {"eff_w_bits": "W bits (measured)", "eff_a_bits": "A bits (measured)"}

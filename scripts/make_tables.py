@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orbitquant.records import RECORDS_DIR, collect
-from orbitquant.tables import cost_table, load_costs, load_results, mean_std_table, to_latex, with_paper
+from orbitquant.tables import cost_table, headline_table, load_costs, load_results, mean_std_table, to_latex, with_paper
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--plots", action="store_true", help="also plot each metric vs bits per method (mean ± std) "
                     "to results/figures/<name>_<metric>.png")
     args = ap.parse_args()
-    paper = None
+    paper, headline = None, None
     if args.experiment:
         from omegaconf import OmegaConf
 
@@ -60,6 +60,7 @@ def main() -> None:
         args.metrics = args.metrics or t.get("metrics")
         args.out = args.out or ROOT / "results/tables" / f"{args.experiment}.md"
         paper = ROOT / t["paper"] if t.get("paper") else None
+        headline = t.get("headline")
         records = ROOT / RECORDS_DIR / args.experiment
         if args.collect:
             n = len(collect(args.runs, records, args.model, args.eval[0]))
@@ -95,6 +96,11 @@ def main() -> None:
         table.to_csv(args.out.with_suffix(".csv"))
         args.out.with_suffix(".tex").write_text(to_latex(table))
         print(f"wrote {args.out} (+ .csv, .tex); bold = best mean per (model, bits) by the metric's direction")
+    if args.out and not df.empty and headline:  # the README's table (embedded verbatim, tests/test_docs.py)
+        h = headline_table(df, headline["bits"], headline["metrics"], headline.get("exclude_tags", []))
+        hpath = args.out.with_name(args.out.stem + "_headline.md")
+        hpath.write_text(h.reset_index().drop(columns="model").to_markdown(index=False) + "\n")
+        print(f"wrote {hpath}")
     if df.empty:
         return
     if args.plots:
