@@ -103,7 +103,8 @@ class RTNConfig(QuantConfig):
 
     Weights: one scale per output channel (``w_granularity="channel"``) or per tensor; activations:
     dynamic, one scale per token (``a_granularity="token"``) or per tensor; symmetric (absmax) or
-    asymmetric (min/max with zero point).
+    asymmetric (min/max with zero point). ``group > 0`` instead gives one absmax scale per (output row, group
+    of input channels) and per (token, group): the control for group-wise methods such as SVDQuant.
     """
 
     method: ClassVar[str] = "rtn"
@@ -111,9 +112,15 @@ class RTNConfig(QuantConfig):
     a_granularity: str = "token"
     w_symmetric: bool = True
     a_symmetric: bool = False
+    group: int = 0  # > 0: weights per (row, group of input channels), activations per (token, group), both absmax
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.group < 0:
+            raise ValueError(f"group must be 0 (per channel / per token) or a positive group size, got {self.group}")
+        if self.group and not (self.w_symmetric and self.a_symmetric):
+            raise ValueError("group > 0 is the symmetric group-wise control (as SVDQuant's INT recipe); "
+                             "set w_symmetric=true and a_symmetric=true, or group=0")
         if self.w_granularity not in ("channel", "tensor"):
             raise ValueError(f"w_granularity must be 'channel' or 'tensor', got {self.w_granularity!r}")
         if self.a_granularity not in ("token", "tensor"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import orbitquant as oq
@@ -213,3 +214,32 @@ def test_rtn_sym_control_composes_and_quantizes_activations_symmetrically():
     x = torch.rand(8, 384) + 0.5  # all positive: an asymmetric quantizer would use the full grid on [min, max]
     torch.testing.assert_close(seq[0].act(x), fake_quant_uniform(x, 4, True, (-1,)))
     assert not torch.allclose(seq[0].act(x), fake_quant_uniform(x, 4, False, (-1,)))
+
+
+def test_rtn_g64_control_uses_svdquants_number_format_without_its_transform():
+    """conf/quant/rtn_g64.yaml: symmetric group-64 weights and per-token x group-64 activations, own tag; the
+    weight codes equal SVDQuant's residual format (GroupWeight), activations one absmax scale per 64 channels."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from orbitquant.factory import build_quant_config
+    from orbitquant.nn import GroupActQuant, GroupWeight
+    from orbitquant.primitives import fake_quant_groups
+
+    conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["quant=rtn_g64", "w_bits=4", "a_bits=4"])
+    qd = OmegaConf.to_container(cfg.quant, resolve=True)
+    assert qd["tag"] == "w4a4-g64"
+    c = build_quant_config(qd)
+    seq = torch.nn.Sequential(_mlp()[0])
+    oq.quantize_(seq, c)
+    layer = seq[0]
+    assert isinstance(layer.store, GroupWeight) and layer.store.group == 64
+    assert isinstance(layer.act, GroupActQuant) and layer.act.group == 64 and layer.act.symmetric
+    x = torch.randn(8, 384)
+    x[:, :64] *= 50  # one loud group: per-token scaling would crush the other groups, per-group does not
+    torch.testing.assert_close(layer.act(x), fake_quant_groups(x, 4, True, 64))
+    assert (layer.act(x)[:, 64:] != 0).float().mean() > 0.8
+    with pytest.raises(ValueError, match="symmetric"):
+        oq.RTNConfig(w_bits=4, a_bits=4, group=64, a_symmetric=False)

@@ -1,10 +1,11 @@
 """``rtn``: uniform round-to-nearest with min/max scales: per-output-channel weights, dynamic per-token
-activations. The simplest correct calibration-free baseline."""
+activations (``group > 0``: per group of input channels, both symmetric). The simplest correct calibration-free
+baseline."""
 
 from __future__ import annotations
 
 from ..config import RTNConfig
-from ..nn import QuantLinear, uniform_act, uniform_store
+from ..nn import GroupActQuant, GroupWeight, QuantLinear, uniform_act, uniform_store
 from ..registry import register_method
 from ..types import LayerRef
 from .base import Quantizer
@@ -17,7 +18,13 @@ class RTNQuantizer(Quantizer):
     def quantize_layer(self, ref: LayerRef) -> QuantLinear:
         c: RTNConfig = self.config
         m = ref.module
-        store = uniform_store(m.weight, c.w_bits, c.w_symmetric, c.w_granularity, m.weight.dtype)
-        act = uniform_act(c.a_bits, c.a_symmetric, c.a_granularity)
+        if c.group and c.w_bits != 16:
+            store = GroupWeight(m.weight, c.w_bits, c.group)
+        else:
+            store = uniform_store(m.weight, c.w_bits, c.w_symmetric, c.w_granularity, m.weight.dtype)
+        if c.group and c.a_bits != 16:
+            act = GroupActQuant(c.a_bits, c.group, symmetric=True)
+        else:
+            act = uniform_act(c.a_bits, c.a_symmetric, c.a_granularity)
         return QuantLinear(store, m.bias, act, compute_dtype=m.weight.dtype, name=ref.fqn,
                            treatment=f"rtn w{c.w_bits}a{c.a_bits}")
