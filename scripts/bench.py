@@ -16,6 +16,8 @@ Suites:
   calib     (not in the default set) the digits DiT quantized by orbit and calibrated baselines in one process:
             wall-clock seconds including calibration, as a ratio to orbit.
 Results: results/bench/<device>-<suites>.json and .md (one file per suite set, so partial runs do not clobber).
+The .json is the record; the .md is rendered from it alone (``scripts/render_records.py``):
+    python scripts/bench.py --render results/bench/<device>-<suites>.json   # rewrite the .md, measure nothing
 The peer package is also named ``orbitquant``; it cannot share our interpreter, so it runs in its own venv
 (``pip install orbitquant==0.15.0 torch==2.13.0`` there) and is timed by a snippet in that interpreter,
 with its own fp32 baseline: compare ratios, not milliseconds, across processes.
@@ -41,6 +43,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from render_records import render_file, write_tables  # noqa: E402  (scripts/render_records.py)
 
 import orbitquant as oq  # noqa: E402
 from orbitquant.codebook import _lloyd_max_np, distortion  # noqa: E402
@@ -308,22 +312,6 @@ def peer_suite(python: str, d: int, tokens_list: list[int], bit_pairs, reps: int
     return out
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    import pandas as pd
-
-    out = [f"# OrbitQuant benchmarks on `{meta['device']}`", "",
-           f"{meta['cpu']}; torch {meta['torch']}, {meta['threads']} thread(s); native kernel: "
-           f"{meta['native_kernel']}; {meta['date']}. Times are medians of {meta['reps']} interleaved repetitions; "
-           "`x_fp32` is the ratio to a plain fp32 `nn.Linear` timed in the same loop, `x_same_dtype` the ratio to "
-           "`nn.Linear` in the layer's own dtype (bf16 rows: bf16 `nn.Linear`). All OrbitQuant rows are "
-           "fake-quant (a dense matmul in the compute dtype on dequantized weights).", ""]
-    df = pd.DataFrame(rows)
-    for suite, part in df.groupby("suite", sort=False):
-        part = part.dropna(axis=1, how="all").drop(columns="suite")
-        out += [f"## {suite}", "", part.to_markdown(index=False), ""]
-    return "\n".join(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suites", nargs="*", default=["layer", "quantize", "model"],
@@ -337,7 +325,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peer-python", help="interpreter of a venv with the PyPI orbitquant package")
     ap.add_argument("--out", default=str(ROOT / "results/bench"))
+    ap.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                    help="rewrite the .md beside each of these records from the record alone (no measuring)")
     a = ap.parse_args()
+    if a.render:
+        return write_tables(a.render)
     if bad := set(a.suites) - {"layer", "quantize", "model", "calib"}:
         ap.error(f"unknown suite(s) {sorted(bad)}; valid: layer, quantize, model, calib")
     torch.set_num_threads(a.threads)
@@ -361,8 +353,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{meta['device']}-{'-'.join(a.suites)}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = markdown(rows, meta)
-    (out / f"{stem}.md").write_text(md)
+    md_path, md = render_file(out / f"{stem}.json")  # the table from the record as written
+    md_path.write_text(md, encoding="utf-8")
     print(md)
 
 

@@ -12,6 +12,8 @@ linears by treatment (results.json ``quant_report``), and the denoiser's paramet
 A psutil poll kills a run whose resident set passes ``--rss-limit-gb`` (the machine must not swap or thrash) and
 retries it once in bfloat16; both attempts are recorded. The machine (CPU model, cores, RAM, load average, torch
 version, git commit) is written next to the numbers: the machine may be shared, so timings are what it gave then.
+The .json is the record; the .md is rendered from it alone (``scripts/render_records.py``):
+``python scripts/bench_dryrun.py --render results/bench/cpu-dryrun-true-size.json`` rewrites it, running nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from render_records import render_file, write_tables  # scripts/render_records.py
 
 ROOT = Path(__file__).resolve().parent.parent
 EVALS = {"wan21": "t2v_smoke", "wan21_14b": "t2v_smoke", "cogvideox_2b": "t2v_smoke", "cogvideox_5b": "t2v_smoke",
@@ -118,28 +122,6 @@ def _by_policy(treatments: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def to_markdown(out: dict) -> str:
-    m = out["machine"]
-    head = (f"torch {m['torch']}, Python {m['python']}, git {m['git_commit'][:10]}"
-            f"{' (tree with uncommitted edits)' if m['git_dirty'] else ''}; load average at start "
-            f"{m['loadavg_start'][0]:.1f}, at end {m.get('loadavg_end', [0])[0]:.1f} (a shared machine: seconds are "
-            "what it gave then).")
-    how = ("`python run.py model=<m> model.init=random quant=orbit eval=<smoke> dtype=<dtype> progress=false`: the "
-           "real denoiser's config with random weights; text encoders and VAE are small stand-ins "
-           "(docs/dry_runs.md). Quality numbers mean nothing.")
-    lines = [f"# CPU dry runs at true size ({m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM)", "", head, "", how, "",
-             "| model | dtype | denoiser params | quantized linears | peak RSS GB | seconds per stage | total s | status |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in out["runs"]:
-        q = ", ".join(f"{k}: {v}" for k, v in (r.get("quantized") or {}).items()) or "-"
-        q += " (= meta inventory)" if r.get("matches_inventory") else " (NOT the meta inventory)" if "quantized" in r else ""
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in (r.get("timing") or {}).items())
-        status = "ok" if "error" not in r else r["error"].splitlines()[-1][:120]
-        lines.append(f"| {r['model']} | {r['dtype']} | {r.get('params', 0) / 1e9:.3f} B | {q} | "
-                     f"{r.get('peak_rss_gb', '-')} | {stages or '-'} | {r['wall_s']} | {status} |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["wan21", "cogvideox_2b", "dit_xl_2"], choices=sorted(EVALS))
@@ -149,7 +131,11 @@ def main() -> None:
     ap.add_argument("--results-dir", default="/tmp/dry/runs")
     ap.add_argument("--cache-dir", default=None, help="default: a fresh /tmp/dry/cache-<time> (no cached references)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "cpu-dryrun-true-size"))
+    ap.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                    help="rewrite the .md beside each of these records from the record alone (no runs)")
     args = ap.parse_args()
+    if args.render:
+        return write_tables(args.render)
     args.cache_dir = args.cache_dir or f"/tmp/dry/cache-{int(time.time())}"
     from orbitquant.inventory import meta_inventory
 
@@ -169,7 +155,8 @@ def main() -> None:
     out["machine"]["loadavg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(out))
+    md_path, md = render_file(Path(args.out + ".json"))  # the table from the record as written
+    md_path.write_text(md, encoding="utf-8")
     shutil.rmtree(args.cache_dir, ignore_errors=True)  # our fresh cache only
     print(f"wrote {args.out}.json and .md")
 

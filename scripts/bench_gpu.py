@@ -17,7 +17,9 @@ Both quantized modes are fake-quant in the arithmetic sense (bf16 tensor-core pr
 values); ``compact`` really reads b-bit weights from memory, which is where a speedup can come from.
 Every row carries its relative output error against an fp64 product and its resident bytes. The peer
 package (same import name) runs in a subprocess with ``--peer-path`` on its PYTHONPATH.
-Writes ``results/bench/<gpu>-gpu.{json,md}``.
+Writes ``results/bench/gpu-<gpu>.{json,md}``: the .json is the record, the .md is rendered from it alone
+(``scripts/render_records.py``; ``python scripts/bench_gpu.py --render results/bench/gpu-<gpu>.json`` rewrites it
+without a GPU).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from render_records import render_file, write_tables  # noqa: E402  (scripts/render_records.py)
 
 from orbitquant.calib import denoiser_call  # noqa: E402
 from orbitquant.codebook import distortion, get_codebook  # noqa: E402
@@ -288,29 +292,6 @@ def peer_rows(path: str, tokens, pairs, reps_ms: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    import pandas as pd
-
-    out = [f"# OrbitQuant GPU benchmarks on `{meta['gpu']}`", "",
-           f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; {meta['date']}. Measured ceilings: "
-           f"device copy {meta['ceilings']['copy_TBps']} TB/s (read + write), bf16 8192^3 matmul "
-           f"{meta['ceilings']['bf16_matmul_TFLOPs']} TFLOP/s. Times are `triton.testing.do_bench` medians (CUDA "
-           "events, inputs rotated past L2); `x_bf16` is the ratio to `bf16 F.linear` on the same shape. Quantized "
-           "rows compute bf16 tensor-core products of dequantized values (fake-quant arithmetic); `compact` reads "
-           "the packed b-bit codes. `rel_err` is against an fp64 product; `theory` = sqrt(d (D_w + D_a)). "
-           "`graph_ms`: CUDA-graph replays (GPU time without Python launch overhead); `ms`: eager calls. Variants: "
-           "`ablate` is a timing-only ablation of the one-token kernel (1: no codebook search, 2: no WHT products, "
-           "4: no permutation; sums combine), `code_mismatch` the fraction of codes that differ from the torch path.",
-           ""]
-    if "act_kernel_for_layer_rows" in meta:
-        out += [f"Activation kernel used by the layer rows: `{json.dumps(meta['act_kernel_for_layer_rows'])}`", ""]
-    df = pd.DataFrame(rows)
-    for suite, part in df.groupby("suite", sort=False):
-        part = part.dropna(axis=1, how="all").drop(columns="suite")
-        out += [f"## {suite}", "", part.to_markdown(index=False), ""]
-    return "\n".join(out)
-
-
 def from_logs(logs: list[str], out: Path) -> None:
     """Rebuild the JSON + Markdown results from the JSON lines a run printed (a run cut short loses nothing)."""
     meta, rows = None, []
@@ -336,8 +317,8 @@ def write(rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu-" + "".join(ch if ch.isalnum() else "-" for ch in meta["gpu"]).strip("-").lower()
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = markdown(rows, meta)
-    (out / f"{stem}.md").write_text(md)
+    md_path, md = render_file(out / f"{stem}.json")  # the table from the record as written
+    md_path.write_text(md, encoding="utf-8")
     print(md)
 
 
@@ -353,7 +334,11 @@ def main() -> None:
                     help="time the activation kernel's variants first; the layer rows then use the fastest exact one")
     ap.add_argument("--out", default=str(ROOT / "results/bench"))
     ap.add_argument("--from-log", nargs="+", help="rebuild the results from the printed JSON lines of earlier runs")
+    ap.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                    help="rewrite the .md beside each of these records from the record alone (no GPU, no measuring)")
     a = ap.parse_args()
+    if a.render:
+        return write_tables(a.render)
     if a.from_log:
         return from_logs(a.from_log, Path(a.out))
     if not torch.cuda.is_available() or not T.available():

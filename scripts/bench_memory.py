@@ -6,6 +6,9 @@
 Each case is a fresh ``run.py`` process (model=tiny_flux, eval=t2i_smoke at 256x256, one prompt repeated), timed,
 with the peak RSS run.py records after each stage in results.json (``memory``: the kernel's ``ru_maxrss`` of the
 run process). The target of issue 18: growth from 8 to 128 samples <= 150 MB.
+The .json is the record; the .md is rendered from it alone (``scripts/render_records.py``). A remark added later
+goes into the record as ``"note"`` (printed under the table), then
+``python scripts/bench_memory.py --render results/bench/cpu-memory-streaming.json`` rewrites the .md.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from render_records import render_file, write_tables  # scripts/render_records.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +75,11 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another checkout (e.g. `git worktree add /tmp/old <commit>`) measured side by side")
     ap.add_argument("--out", default=str(ROOT / "results/bench/cpu-memory-streaming"))
+    ap.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                    help="rewrite the .md beside each of these records from the record alone (no runs)")
     a = ap.parse_args()
+    if a.render:
+        return write_tables(a.render)
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                          check=False).stdout.strip()  # at the start: what was measured
     rows = []
@@ -95,19 +104,9 @@ def main() -> None:
            "rows": rows, "growth_mb": growth, "target_growth_mb": 150}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [f"# Peak RSS vs sample count ({out['what']})", "",
-             (f"Machine: {out['machine']}; commit {out['git']}. Peak RSS: GNU time's maximum resident set of the "
-              "run process; the stage columns are the peak so far after each stage (results.json `memory`)."), "",
-             ("| checkout | quant | samples | peak RSS MB | load | reference | quantize | sample | metrics | wall s "
-              "| sample disk MB |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        st = r["stage_peak_rss_mb"]
-        lines.append(f"| {r['checkout']} | {r['quant']} | {r['samples']} | {r['peak_rss_mb']} | " + " | ".join(
-            str(st.get(k, st.get(k + '_cached', '-'))) for k in ("load", "reference", "quantize", "sample", "metrics"))
-            + f" | {r['wall_s']} | {r['sample_disk_mb']} |")
-    lines += ["", f"Growth of peak RSS {min(a.counts)} -> {max(a.counts)} samples: {growth} MB (target <= 150 MB)."]
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md_path, md = render_file(Path(a.out + ".json"))  # the table from the record as written
+    md_path.write_text(md, encoding="utf-8")
+    print(md)
 
 
 if __name__ == "__main__":
