@@ -106,7 +106,7 @@ def test_multirun_sweeps_into_the_same_layout(tmp_path):
     assert found == ["digits/fp/fp/smoke/q0-s0", "digits/rtn/w4a4/smoke/q0-s0", "digits/rtn/w4a8/smoke/q0-s0"]
 
 
-#: the README's "Reliability" table: each bad input and the one clear error it gets (before any heavy work)
+#: the "Reliability" table of docs/reliability.md: each bad input and the one clear error it gets (before heavy work)
 BAD_INPUTS = [
     (["quant=orbt"], "did you mean quant=orbit"),   # checked before Hydra: the nearest option, then all
     (["model=flux2"], "valid: cogvideox_2b"),
