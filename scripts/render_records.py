@@ -117,7 +117,7 @@ def memory_markdown(out: dict) -> str:
 
 def render_record(record: dict) -> str | None:
     """The Markdown table of one ``results/bench`` record, by the record's shape; None for a record that has no
-    table (``bench_hf_quantizer.py``'s: the README quotes it)."""
+    table (``bench_hf_quantizer.py``'s: docs/diffusers.md quotes it)."""
     if "meta" in record and "rows" in record:
         return gpu_markdown(record["rows"], record["meta"]) if "gpu" in record["meta"] else \
             bench_markdown(record["rows"], record["meta"])
