@@ -2,6 +2,8 @@
 
     python scripts/compare_samples.py results/runs/digits_outliers/{fp/fp,orbit/w4a4,rtn/w4a4}/digits/q0-s0 \
         --rows 3 --out results/figures/digits_outliers_w4a4.png
+    python scripts/compare_samples.py results/runs/digits/{fp/fp,rtn/w4a4,orbit/w4a4}/digits/q0-s0 --rows 1 --cols 2 \
+        --out results/figures/digits_headline_grid.png     # panels wrapped two per row
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
                     "legacy samples/samples.npz)")
     ap.add_argument("--rows", type=int, default=3, help="rows of 10 samples per run")
     ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--cols", type=int, help="panels per row (default: all in one row)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     panels, labels = [], []
@@ -42,13 +45,15 @@ def main() -> None:
         psnr = res["metrics"].get("psnr_vs_fp", {}).get("value")
         labels.append(f"{q['method']} {q['tag']}" + (f"  PSNR {float(psnr):.1f} dB" if psnr not in (None, "inf") else ""))
     pad, text_h = 8, 14
-    width = sum(p.width for p in panels) + pad * (len(panels) + 1)
-    canvas = Image.new("L", (width, panels[0].height + text_h + 2 * pad), 255)
-    draw, x = ImageDraw.Draw(canvas), pad
-    for panel, label in zip(panels, labels, strict=True):
-        draw.text((x, pad // 2), label, fill=0)
-        canvas.paste(panel.convert("L"), (x, pad + text_h))
-        x += panel.width + pad
+    cols = args.cols or len(panels)
+    rows = -(-len(panels) // cols)
+    cell_w, cell_h = panels[0].width + pad, panels[0].height + text_h + pad
+    canvas = Image.new("L", (cols * cell_w + pad, rows * cell_h + pad), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, label) in enumerate(zip(panels, labels, strict=True)):
+        x, y = pad + (i % cols) * cell_w, pad // 2 + (i // cols) * cell_h
+        draw.text((x, y), label, fill=0)
+        canvas.paste(panel.convert("L"), (x, y + text_h))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(args.out)
     print(f"wrote {args.out}")
