@@ -43,7 +43,8 @@ def test_quantized_tiny_pipeline_generates_finite_images(adapter_name):
     adapter = cls(tiny=True)
     pipe = adapter.load(torch.float32)
     den = adapter.denoiser(pipe)
-    report = oq.quantize_(den, oq.OrbitConfig(w_bits=4, a_bits=4), adapter.layers(den), probe=lambda: adapter.probe(pipe))
+    report = oq.quantize_(den, oq.OrbitConfig(w_bits=4, a_bits=4), adapter.layers(den),
+                          probe=lambda: adapter.probe(pipe))
     assert report.probe == "model" and report.summary()["mean_rel_err"] < 0.5
     check_error_floor(report, 4, 4)  # and not a no-op
     kw = TINY[adapter_name][2]
@@ -56,11 +57,13 @@ def test_quantized_tiny_pipeline_generates_finite_images(adapter_name):
         assert s.images.shape[1] == kw["num_frames"]
 
 
-def check_error_floor(report: oq.QuantReport, w_bits: int, a_bits: int, margin: float = 0.25) -> None:
+def check_error_floor(report: oq.QuantReport, w_bits: int, a_bits: int, margin: float = 0.2) -> None:
     """Every orbit layer's output error on the probe is at least ``margin`` x the Lloyd-Max floor of its input dim:
     a unit row / token of dim d quantized to b bits keeps a squared relative error d * D(d, b) (the least any b-bit
     scalar codebook leaves), and the weight and activation errors add, so the output's relative error is about
-    sqrt(d (D(d, w) + D(d, a))). Measured on the five tiny families at W8A8 .. W2A2: 0.47-0.96 x that."""
+    sqrt(d (D(d, w) + D(d, a))). Measured on the five tiny families at every LADDER pair: 0.37-14 x that (the
+    lowest: wan's cross-attention out-projection, d = 24, at W4A8; every other layer >= 0.47). An unquantized
+    layer's error is ~1e-7."""
     layers = [r for r in report.layers if r.treatment.startswith("orbit") and r.rel_err is not None]
     assert layers, "no orbit layer was measured"
     for r in layers:
@@ -69,8 +72,9 @@ def check_error_floor(report: oq.QuantReport, w_bits: int, a_bits: int, margin: 
         assert r.rel_err >= floor, (f"{r.fqn}: W{w_bits}A{a_bits} error {r.rel_err:.3g} below the floor {floor:.3g}")
 
 
-#: bit pairs from most to fewest bits: each step down must raise the mean layer error by >= 1.2x (measured on the
-#: five tiny families: >= 1.35x per step; W4A8 -> W4A4 adds an activation error as large as the weight's, sqrt(2))
+#: bit pairs from most to fewest bits: each step down must raise the mean layer error by >= 1.2x. Measured on the
+#: five tiny families, per step: W8A8 -> W4A8 3.9-10x, W4A8 -> W4A4 1.35-1.50x (an activation error as large as
+#: the weight's: ~sqrt(2)), W4A4 -> W3A3 1.77-1.97x, W3A3 -> W2A2 1.74-1.84x.
 LADDER = [(8, 8), (4, 8), (4, 4), (3, 3), (2, 2)]
 
 
@@ -108,8 +112,8 @@ SWEEP_SLOW = {"tiny_cogvideox", "tiny_zimage"}
                                           for m, e in sorted((m, e) for m, e, _ in TINY.values())])
 def test_run_every_method_on_tiny_family(model, eval_, tmp_path):
     # calibrated methods calibrate on the family's smoke calib protocol (same name as the eval)
-    _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant,vidit_q,ptq4dit", f"eval={eval_}",
-          f"calib={eval_}", "dtype=float32", "w_bits=4", "a_bits=8"], tmp_path)
+    _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant,vidit_q,ptq4dit",
+          f"eval={eval_}", f"calib={eval_}", "dtype=float32", "w_bits=4", "a_bits=8"], tmp_path)
     found = sorted(p.relative_to(tmp_path / "runs").parts[1] for p in (tmp_path / "runs").glob("**/results.json"))
     assert found == ["fp", "hadamard_rtn", "orbit", "ptq4dit", "qdit", "rtn", "smoothquant", "svdquant", "vidit_q"]
     qdit = json.loads(next((tmp_path / "runs").glob("**/qdit/**/results.json")).read_text())
