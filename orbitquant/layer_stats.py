@@ -25,7 +25,8 @@ def ks_to_normal(z: torch.Tensor, seed: int = 0) -> float:
     z = z.detach().reshape(-1).double()
     if z.numel() > MAX_VALUES:
         z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(seed))[:MAX_VALUES]]
-    return float(stats.kstest(z.numpy(), "norm").statistic)
+    # only the statistic is used: the asymptotic p-value skips the exact one, ~90% of quantize_'s time (measured)
+    return float(stats.kstest(z.numpy(), "norm", method="asymp").statistic)
 
 
 def normalized_coordinates(x: torch.Tensor) -> torch.Tensor:
