@@ -119,7 +119,8 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
         if store_format not in FORMATS:
             raise ValueError(f"eval.store={store_format!r}; valid: {', '.join(FORMATS)}")
         if store_format == "mp4" and adapter.modality != "video":
-            raise ValueError(f"eval.store=mp4 stores videos, but model={adapter.name} makes images; use eval.store=uint8")
+            raise ValueError(f"eval.store=mp4 stores videos, but model={adapter.name} makes images; "
+                             "use eval.store=uint8")
         needs_calib = quantizer_for(qcfg).needs_calibration
         protocols = {c["eval"]["name"]: (protocol, c["eval"].get("fetch", {}))}
         if needs_calib:
