@@ -6,7 +6,8 @@ metrics (and the fp reference's), the quantization report's summary (measured bi
 timing, memory and provenance (git SHA, library versions, host) -- a few KB, no sample arrays, no per-layer lists.
 The runner writes ``record.json`` beside ``results.json``; ``python scripts/make_tables.py <experiment> --collect``
 copies the records of an experiment's runs into ``results/records/<experiment>/`` (committed), and every table,
-figure and cost table of that experiment is built from those files alone (:func:`load_records`).
+figure and cost table of that experiment is built from those files alone (:func:`iter_results`, read by
+``orbitquant.tables``).
 """
 
 from __future__ import annotations
