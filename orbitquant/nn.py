@@ -131,25 +131,27 @@ class UniformActQuant(ActQuantizer):
 
 
 class GroupActQuant(ActQuantizer):
-    """Dynamic round-to-nearest per token and contiguous channel group (``group <= 0``: per token)."""
+    """Dynamic round-to-nearest per token and contiguous channel group (``group <= 0``: per token).
+    ``zero_clamp``: the asymmetric zero point clamped to the code range (``fake_quant_uniform``)."""
 
-    def __init__(self, bits: int, group: int, symmetric: bool = False) -> None:
+    def __init__(self, bits: int, group: int, symmetric: bool = False, zero_clamp: bool = False) -> None:
         super().__init__()
         qrange(bits, symmetric)  # validates
-        self.bits, self.group, self.symmetric = bits, group, symmetric
+        self.bits, self.group, self.symmetric, self.zero_clamp = bits, group, symmetric, zero_clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if not torch.isfinite(xf.abs().amax()):
             raise NonFiniteInput("activation contains NaN or Inf")
-        return fake_quant_groups(xf, self.bits, self.symmetric, self.group)
+        return fake_quant_groups(xf, self.bits, self.symmetric, self.group, self.zero_clamp)
 
     def bits_per_element(self, d: int) -> float:
         side = 16 * (1 if self.symmetric else 2)  # fp16 scale (+ zero point) per token and group
         return self.bits + side / (self.group if 0 < self.group < d else d)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}"
+        clamp = ", zero_clamp=True" if self.zero_clamp else ""
+        return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}{clamp}"
 
 
 class StaticUniformActQuant(ActQuantizer):
@@ -408,7 +410,8 @@ class GroupUniformWeight(WeightStore):
         return dequantize_groups(q.float(), self.scales.float(), self.group, z)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}"
+        clamp = ", zero_clamp=True" if self.zero_clamp else ""
+        return f"bits={self.bits}, group={self.group}, symmetric={self.symmetric}{clamp}"
 
 
 class OrbitWeight(WeightStore):

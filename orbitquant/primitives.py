@@ -83,11 +83,14 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def fake_quant_uniform(x: torch.Tensor, bits: int, symmetric: bool, dims: tuple[int, ...] | None) -> torch.Tensor:
+def fake_quant_uniform(x: torch.Tensor, bits: int, symmetric: bool, dims: tuple[int, ...] | None,
+                       zero_clamp: bool = False) -> torch.Tensor:
     """Round-to-nearest uniform fake quantization with min/max (absmax) scales.
 
     ``dims`` are the dimensions a scale is shared over: ``(-1,)`` gives one scale per row / token,
-    ``None`` one scale for the whole tensor. Computed in fp32, returned in ``x.dtype``.
+    ``None`` one scale for the whole tensor. Computed in fp32, returned in ``x.dtype``. ``zero_clamp``
+    (asymmetric only): clamp the zero point to the code range, as AWQ's and Q-DiT's ``quantize_tensor`` do,
+    so a range of one sign is clipped (all-positive ``[min, max]`` becomes ``[0, max - min]``).
     """
     xf = x.float()
     lo_q, hi_q = qrange(bits, symmetric)
@@ -103,22 +106,27 @@ def fake_quant_uniform(x: torch.Tensor, bits: int, symmetric: bool, dims: tuple[
     flat = mx == mn  # a constant row (e.g. a token of equal channels): exact as is; a tiny scale would overflow
     scale = torch.where(flat, torch.ones_like(mx), (mx - mn) / hi_q).clamp_min(tiny)
     zero = torch.round(-mn / scale)
+    if zero_clamp:
+        zero = zero.clamp(lo_q, hi_q)
     q = torch.clamp(torch.round(xf / scale) + zero, lo_q, hi_q)
     return torch.where(flat, xf, (q - zero) * scale).to(x.dtype)
 
 
-def fake_quant_groups(x: torch.Tensor, bits: int, symmetric: bool, group: int) -> torch.Tensor:
+def fake_quant_groups(x: torch.Tensor, bits: int, symmetric: bool, group: int,
+                      zero_clamp: bool = False) -> torch.Tensor:
     """Dynamic round-to-nearest with one scale per row and contiguous group of ``group`` channels of the
     last dim (Q-DiT's per-token x channel-group activations). ``group <= 0`` or ``>= d`` is per row; a last
-    dim that ``group`` does not divide gets a shorter final group (its own range, no padding)."""
+    dim that ``group`` does not divide gets a shorter final group (its own range, no padding). ``zero_clamp``:
+    see ``fake_quant_uniform``."""
     d = x.shape[-1]
     if group <= 0 or group >= d:
-        return fake_quant_uniform(x, bits, symmetric, (-1,))
+        return fake_quant_uniform(x, bits, symmetric, (-1,), zero_clamp)
     main = d - d % group
-    head = fake_quant_uniform(x[..., :main].unflatten(-1, (main // group, group)), bits, symmetric, (-1,))
+    head = fake_quant_uniform(x[..., :main].unflatten(-1, (main // group, group)), bits, symmetric, (-1,), zero_clamp)
     if main == d:
         return head.flatten(-2)
-    return torch.cat([head.flatten(-2), fake_quant_uniform(x[..., main:], bits, symmetric, (-1,))], dim=-1)
+    tail = fake_quant_uniform(x[..., main:], bits, symmetric, (-1,), zero_clamp)
+    return torch.cat([head.flatten(-2), tail], dim=-1)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

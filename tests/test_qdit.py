@@ -27,6 +27,20 @@ def test_group_activation_quant_is_per_token_per_group_with_a_ragged_tail():
     assert GroupActQuant(8, 32)(x).shape == x.shape
 
 
+def test_zero_clamp_reproduces_the_official_clipping_of_one_sign_groups():
+    # Q-DiT's quantize_tensor clamps the zero point to [0, 2^b - 1]: an all-positive group keeps [0, max - min]
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 2.0]])
+    free = fake_quant_groups(x, 8, False, 4)
+    clamped = fake_quant_groups(x, 8, False, 4, zero_clamp=True)
+    torch.testing.assert_close(free, x, atol=0.01, rtol=0)  # 8 bits: [min, max] kept, near exact
+    assert clamped[0, :4].max().item() == pytest.approx(3.0, abs=0.01)  # 4 clipped to max - min = 3
+    torch.testing.assert_close(clamped[0, 4:], free[0, 4:])  # a group that straddles 0: the clamp is inert
+    act = GroupActQuant(8, 4, zero_clamp=True)
+    torch.testing.assert_close(act(x), clamped)
+    assert "zero_clamp=True" in repr(act)
+    assert QDiTConfig(w_bits=4, a_bits=4).a_zero_clamp is False  # off by default (see UPSTREAM.md)
+
+
 @pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (3, 48, True), (2, 64, False), (8, 128, False)])
 def test_group_weight_store_packs_exactly_what_the_solver_chose(bits, group, symmetric):
     g = torch.Generator().manual_seed(bits)

@@ -230,6 +230,59 @@ def test_signed_down_projection_input_is_not_shifted():
     assert model.down.act.symmetric and "shifted" not in model.down.treatment
 
 
+class _FusedOut(torch.nn.Module):
+    """FLUX single block: proj_out reads cat(attention output (d wide, signed), GELU(mlp)) and returns d."""
+
+    def __init__(self, d=64, hidden=256, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.mlp, self.out = torch.nn.Linear(d, hidden), torch.nn.Linear(d + hidden, d)
+        with torch.no_grad():
+            self.mlp.weight.copy_(torch.randn(hidden, d, generator=g) / d ** 0.5)
+            self.out.weight.copy_(torch.randn(d, d + hidden, generator=g) / (d + hidden) ** 0.5)
+
+    def hidden(self, x):
+        return torch.cat([x * 2.0, torch.nn.functional.gelu(self.mlp(x), approximate="tanh")], dim=-1)
+
+    def forward(self, x):
+        return self.out(self.hidden(x))
+
+
+def _quantize_fused(**kw):
+    from orbitquant.types import LayerRef
+
+    model = _FusedOut()
+    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(4))
+    h = model.hidden(x).detach()
+    ref = torch.nn.functional.linear(h, model.out.weight, model.out.bias).detach()
+    w, b = model.out.weight.detach().clone(), model.out.bias.detach().clone()
+    cfg = SVDQuantConfig(rank=8, alpha_grid=4, lowrank_iters=2, **kw)
+    report = oq.quantize_(model, cfg, layers=[LayerRef("out", "fused.out", 0, model.out)], calibrate=lambda: model(x))
+    return model, report, h, ref, (w, b)
+
+
+def test_fused_out_projection_shifts_only_its_mlp_half():
+    """Upstream splits FLUX's proj_out (ConcatLinear) and shifts the GELU half: here channels out_features: are
+    shifted and quantized unsigned, the attention half stays signed, and the bias absorbs -W[:, d:] 1 shift."""
+    from baselines.svdquant import DOWN_SHIFT, UnsignedGroupActQuant, fake_quant_groups_split
+
+    model, report, h, ref, (w, b) = _quantize_fused()
+    out = model.out
+    assert isinstance(out.act, UnsignedGroupActQuant) and out.act.start == 64 and out.rotation.start == 64
+    assert report.calibration["shifted_unsigned_layers"] == 1
+    t = out.rotation(h)
+    assert float(t[..., 64:].min()) >= 0.0 and float(t[..., :64].min()) < 0.0  # only the MLP half shifted
+    q = out.act(t)
+    assert float(q[..., :64].min()) < 0.0  # the attention half keeps its sign
+    torch.testing.assert_close(q, fake_quant_groups_split(t, 4, 64, 64))
+    torch.testing.assert_close(out.bias, b - w[:, 64:].sum(dim=1) * DOWN_SHIFT, rtol=1e-5, atol=1e-5)
+    err = relative_error(ref, out(h))
+    signed, rep_signed, _, _, _ = _quantize_fused(shift_fused=False)
+    assert rep_signed.calibration["shifted_unsigned_layers"] == 0 and signed.out.act.symmetric
+    err_signed = relative_error(ref, signed.out(h))
+    assert 0.02 < err < 0.9 * err_signed, (err, err_signed)
+
+
 def test_searches_use_calib_samples_worth_of_tokens_or_the_reservoir_cap():
     """Upstream searches on every token of its 128 calibration samples; ours on calib_samples x tokens-per-sample
     tokens per layer (here 4 images x 64 tokens = 256 seen), or a capped reservoir."""

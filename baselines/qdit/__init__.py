@@ -3,7 +3,9 @@
 * Targets: every linear the layer policy gives the method (in DiT blocks: q/k/v, out-proj, FFN up and
   down), weights and input activations.
 * Activations: dynamic asymmetric min/max per token x contiguous group of ``g_l`` input channels,
-  recomputed at every forward (every step, both CFG halves); no clipping.
+  recomputed at every forward (every step, both CFG halves); no clipping. The official quantizer clamps the
+  zero point to the code range, which clips a group of one sign (an all-positive group keeps only
+  ``[0, max - min]``); that is ``a_zero_clamp=true``, off by default (measured in UPSTREAM.md).
 * Weights: GPTQ with the same per-layer group size ``g_l`` (asymmetric, a group's scales computed at its
   first column from the weights as of the current GPTQ block's start, as the official code; damp 0.01,
   block 128, no act-order). Blocks are processed in order: the Hessians of block i come from a replay of
@@ -60,6 +62,7 @@ class QDiTConfig(QuantConfig):
     replay_batch: int = 32         # rows per replayed denoiser forward
     seed: int = 0                  # calibration step draw
     hessian_act_quant: bool = True  # Hessians from the block's own quantized activations (official); False: fp inputs
+    a_zero_clamp: bool = False     # True: the official quantizer's clamped zero point (clips one-sign groups)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,7 +155,7 @@ class QDiTQuantizer(Quantizer):
         seen: set[str] = set()
 
         def make_hook(ref):
-            act = (GroupActQuant(c.a_bits, self.group_of(ref), c.a_symmetric)
+            act = (GroupActQuant(c.a_bits, self.group_of(ref), c.a_symmetric, c.a_zero_clamp)
                    if c.a_bits != 16 and c.hessian_act_quant else None)
 
             def hook(_mod, args):
@@ -202,7 +205,7 @@ class QDiTQuantizer(Quantizer):
             h = self._hessians.pop(ref.fqn)
             store = GroupUniformWeight(gptq_quantize(m.weight, h, c.w_bits, g, c.w_symmetric, c.blocksize, c.percdamp))
             self._stores[ref.fqn] = store
-        act = NoActQuant() if c.a_bits == 16 else GroupActQuant(c.a_bits, g, c.a_symmetric)
+        act = NoActQuant() if c.a_bits == 16 else GroupActQuant(c.a_bits, g, c.a_symmetric, c.a_zero_clamp)
         return QuantLinear(store, m.bias, act, compute_dtype=m.weight.dtype, name=ref.fqn,
                            treatment=f"qdit w{c.w_bits}a{c.a_bits} g{g}")
 

@@ -24,6 +24,10 @@ Per target linear, from calibration activations (the model's own sampler, every 
    scale max / (2^b - 1) per token x group). Runtime: ``x' = x + shift``, then the formula above on ``x'``.
    Applied where calibration shows the input bounded below by ``-shift`` (a GELU-type FFN; a GLU FFN's
    down-projection is signed and stays as it is, as upstream's ``intermediate_lowerbound`` is None for GLU).
+   A fused out-projection (role ``fused.out``, FLUX's single-block ``proj_out`` on ``cat(attn, mlp)``) gets
+   the shift on its MLP half only (channels ``out_features:``, ``shift_fused``): signed groups on the
+   attention half, unsigned on the shifted MLP half, as upstream's ``ConcatLinear`` split (which also gives
+   each half its own smoothing and low-rank branch; here the layer keeps one of each).
 
 The searches are measured on calibration tokens: by default (``reservoir=null``) a seeded uniform sample of
 ``calib_samples`` (128, deepcompressor's ``quant.calib.num_samples``) samples' worth of tokens per layer (a
@@ -77,6 +81,7 @@ class SVDQuantConfig(QuantConfig):
     reservoir: int | None = None  # None: calib_samples samples' worth of tokens per layer; an int caps the tokens
     calib_samples: int = 128  # deepcompressor quant.calib.num_samples
     shift_down: bool = True   # shifted, unsigned input of GELU FFN down-projections (the INT4 recipe)
+    shift_fused: bool = True  # the same for the MLP half of a fused attention+MLP out-projection (FLUX proj_out)
     seed: int = 0
     share_qkv: bool = True    # q/k/v of a block (same input) share one smoothing and one low-rank branch
 
@@ -96,6 +101,8 @@ class SVDQuantConfig(QuantConfig):
 DOWN_SHIFT = 0.171875
 #: roles whose input is an FFN's activation output (a shift candidate)
 DOWN_ROLES = ("ff.down", "ctx.ff.down")
+#: a fused out-projection whose input is ``cat(attention output (out_features wide), MLP activation)``
+FUSED_ROLES = ("fused.out",)
 
 
 def fake_quant_groups_unsigned(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -112,39 +119,56 @@ def fake_quant_groups_unsigned(x: torch.Tensor, bits: int, group: int) -> torch.
     return q.flatten(-2)[..., :d].to(x.dtype)
 
 
-class UnsignedGroupActQuant(ActQuantizer):
-    """Dynamic unsigned INT-b per token x channel group, for a shifted (non-negative) input."""
+def fake_quant_groups_split(x: torch.Tensor, bits: int, group: int, start: int) -> torch.Tensor:
+    """Symmetric signed groups on channels ``[:start]``, unsigned groups on the shifted ``[start:]`` (``start`` a
+    multiple of ``group``): deepcompressor's ``ConcatLinear`` halves of a fused out-projection, each with its own
+    input quantizer. ``start = 0``: all unsigned."""
+    if start <= 0:
+        return fake_quant_groups_unsigned(x, bits, group)
+    return torch.cat([fake_quant_groups(x[..., :start], bits, True, group),
+                      fake_quant_groups_unsigned(x[..., start:], bits, group)], dim=-1)
 
-    def __init__(self, bits: int, group: int) -> None:
+
+class UnsignedGroupActQuant(ActQuantizer):
+    """Dynamic unsigned INT-b per token x channel group, for a shifted (non-negative) input; with ``start > 0``
+    only channels ``[start:]`` (the shifted MLP half of a fused out-projection), the rest signed."""
+
+    def __init__(self, bits: int, group: int, start: int = 0) -> None:
         super().__init__()
-        self.bits, self.group, self.symmetric = bits, group, False
+        self.bits, self.group, self.symmetric, self.start = bits, group, False, start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if not torch.isfinite(xf.abs().amax()):
             raise NonFiniteInput("activation contains NaN or Inf")
-        return fake_quant_groups_unsigned(xf, self.bits, self.group)
+        return fake_quant_groups_split(xf, self.bits, self.group, self.start)
 
     def bits_per_element(self, d: int) -> float:
         return self.bits + 16 / (self.group if 0 < self.group < d else d)  # fp16 scale per token and group
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group={self.group}, unsigned=True"
+        return f"bits={self.bits}, group={self.group}, unsigned=True" + (f", from={self.start}" if self.start else "")
 
 
 class ShiftedChannelScale(nn.Module):
-    """``(x + shift) * inv_scale`` per channel: the down-projection's shift, then the smoothing."""
+    """``(x + shift) * inv_scale`` per channel: the down-projection's shift (on channels ``[start:]``), then the
+    smoothing."""
 
-    def __init__(self, shift: float, inv_scale: torch.Tensor) -> None:
+    def __init__(self, shift: float, inv_scale: torch.Tensor, start: int = 0) -> None:
         super().__init__()
-        self.shift = float(shift)
+        self.shift, self.start = float(shift), int(start)
         self.register_buffer("inv_scale", inv_scale.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() + self.shift) * self.inv_scale
+        xf = x.float()
+        if self.start:
+            xf = torch.cat([xf[..., :self.start], xf[..., self.start:] + self.shift], dim=-1)
+        else:
+            xf = xf + self.shift
+        return xf * self.inv_scale
 
     def extra_repr(self) -> str:
-        return f"shift={self.shift}"
+        return f"shift={self.shift}" + (f", from={self.start}" if self.start else "")
 
 
 @dataclass
@@ -227,15 +251,24 @@ class SVDQuantQuantizer(CollectingQuantizer):
     def prepare(self, layers: list[LayerRef], model: nn.Module | None = None) -> None:
         c: SVDQuantConfig = self.config
         self.layers = layers
-        bounded = frozenset(r.fqn for r in layers if c.shift_down and r.role in DOWN_ROLES)
+        bounded = frozenset(r.fqn for r in layers if (c.shift_down and r.role in DOWN_ROLES)
+                            or (c.shift_fused and r.role in FUSED_ROLES))
         self.collector = SampleCollector(reservoir=c.reservoir or 1, seed=c.seed, samples=c.calib_samples,
                                          cap=c.reservoir, bounded=bounded).attach(layers)
 
-    def _shift(self, ref: LayerRef) -> float:
-        """The input shift of ``ref``: ``DOWN_SHIFT`` for a down-projection whose calibration input stayed
-        at or above ``-DOWN_SHIFT`` (GELU-type), else 0."""
+    def _shift(self, ref: LayerRef) -> tuple[float, int]:
+        """``(shift, start)``: the input shift of ``ref`` and the first channel it applies to. ``DOWN_SHIFT``
+        from channel 0 for a down-projection whose calibration input stayed at or above ``-DOWN_SHIFT``
+        (GELU-type); for a fused out-projection (``cat(attn, mlp)``, attention ``out_features`` wide) from
+        channel ``out_features`` when its MLP half stayed above, and the split falls on a group boundary,
+        as upstream's ``ConcatLinear`` split; else ``(0.0, 0)``."""
         lo = self.collector.lo.get(ref.fqn)
-        return DOWN_SHIFT if lo is not None and float(lo.min()) >= -DOWN_SHIFT else 0.0
+        if lo is None:
+            return 0.0, 0
+        start = ref.module.out_features if ref.role in FUSED_ROLES else 0
+        if start and (start >= lo.numel() or start % self.config.group):
+            return 0.0, 0
+        return (DOWN_SHIFT, start) if float(lo[start:].min()) >= -DOWN_SHIFT else (0.0, 0)
 
     def finish_calibration(self) -> dict:
         self.choices: dict[str, dict] = {}  # per layer: alpha, beta, clip, calibration error, extra params
@@ -246,16 +279,18 @@ class SVDQuantQuantizer(CollectingQuantizer):
         self.group_of = {r.fqn: g for g in groups for r in g}
         unshared = sum(c.rank * (r.module.in_features + r.module.out_features) for r in self.layers)
         shared = unshared - sum(c.rank * r.module.in_features for g in groups for r in g[1:])  # D once per group
-        shifted = [r.fqn for r in self.layers if self._shift(r)]
+        shifted = [r.fqn for r in self.layers if self._shift(r)[0]]
         return {"tokens_per_layer": min(st.tokens for st in stats.values()),
                 "search_tokens_per_layer": min(len(st.reservoir) for st in stats.values()),
                 "candidates": len(smoothing_candidates(c.alpha_grid)), "shared_qkv_groups": len(groups),
                 "shifted_unsigned_layers": len(shifted), "extra_params": shared, "extra_params_unshared": unshared}
 
-    def _fq_x(self, x_s: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    def _fq_x(self, x_s: torch.Tensor, unsigned_from: int | None) -> torch.Tensor:
+        """Activation fake-quant: signed groups, or unsigned from channel ``unsigned_from`` (shifted input)."""
         c: SVDQuantConfig = self.config
-        return fake_quant_groups_unsigned(x_s, c.a_bits, c.group) if unsigned else fake_quant_groups(
-            x_s, c.a_bits, True, c.group)
+        if unsigned_from is None:
+            return fake_quant_groups(x_s, c.a_bits, True, c.group)
+        return fake_quant_groups_split(x_s, c.a_bits, c.group, unsigned_from)
 
     def _fq_w(self, w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
         codes, scales = quantize_groups(w, self.config.w_bits, self.config.group, clip)
@@ -274,9 +309,10 @@ class SVDQuantQuantizer(CollectingQuantizer):
             prev, q, keep = err, q_new, lr
         return prev, keep
 
-    def _fit(self, x: torch.Tensor, w: torch.Tensor, ax: torch.Tensor, unsigned: bool = False) -> tuple[float, dict]:
+    def _fit(self, x: torch.Tensor, w: torch.Tensor, ax: torch.Tensor,
+             unsigned: int | None = None) -> tuple[float, dict]:
         """Smoothing search (each candidate scored with one low-rank split in place), then the iterative
-        low-rank refinement for the winner. ``unsigned``: ``x`` is a shifted, non-negative input."""
+        low-rank refinement for the winner. ``unsigned``: ``x[..., unsigned:]`` is a shifted, non-negative input."""
         c: SVDQuantConfig = self.config
         y = x @ w.T
         aw = w.abs().amax(dim=0).clamp_min(1e-5)
@@ -349,9 +385,12 @@ class SVDQuantQuantizer(CollectingQuantizer):
             w = m.weight.detach().float()
             x = st.reservoir.to(w.device).float()
             ax = st.absmax.to(w.device).float()
-            if shift := self._shift(ref):  # fit on the shifted input x + shift >= 0 (its absmax is max + shift)
-                x, ax = x + shift, self.collector.hi[ref.fqn].to(w.device).float() + shift
-            _, ch = self._fit(x, w, ax, unsigned=bool(shift))
+            shift, start = self._shift(ref)
+            if shift:  # fit on the shifted input x + shift >= 0 (its absmax is max + shift)
+                x, ax = x.clone(), ax.clone()
+                x[:, start:] += shift
+                ax[start:] = self.collector.hi[ref.fqn][start:].to(w.device).float() + shift
+            _, ch = self._fit(x, w, ax, unsigned=start if shift else None)
             lam, lr = ch["lam"], ch["lowrank"]
             resid = w * lam - lr
             clip, err = self._clip(ch, lr, resid)
@@ -359,11 +398,12 @@ class SVDQuantQuantizer(CollectingQuantizer):
                                      "extra_params": c.rank * (m.in_features + m.out_features)}
             up, down = self._factors(lr, m.out_features, m.in_features)
         bias, act, rot = m.bias, GroupActQuant(c.a_bits, c.group, symmetric=True), ChannelScale(1.0 / lam)
-        if (shift := self._shift(ref)) and ref.fqn not in self.group_of:
+        shift, start = self._shift(ref)
+        if shift and ref.fqn not in self.group_of:
             # ShiftedLinear: W (x + shift) + b - W 1 shift, the correction from the unquantized weight, in fp64
-            corr = m.weight.detach().double().sum(dim=1) * shift
+            corr = m.weight.detach().double()[:, start:].sum(dim=1) * shift
             bias = (-corr if m.bias is None else m.bias.detach().double() - corr).to(m.weight.dtype)
-            act, rot = UnsignedGroupActQuant(c.a_bits, c.group), ShiftedChannelScale(shift, 1.0 / lam)
+            act, rot = UnsignedGroupActQuant(c.a_bits, c.group, start), ShiftedChannelScale(shift, 1.0 / lam, start)
         return LowRankQuantLinear(GroupWeight(resid, c.w_bits, c.group, clip), bias, up, down, act=act,
                                   rotation=rot, compute_dtype=m.weight.dtype, name=ref.fqn,
                                   treatment=f"svdquant w{c.w_bits}a{c.a_bits} r{c.rank}"
