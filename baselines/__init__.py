@@ -1,6 +1,6 @@
-"""Baselines: the same Quantizer protocol as ``orbitquant.methods``, with an UPSTREAM.md per method.
+"""Baselines: the same Quantizer protocol as ``orbitquant.quant.methods``, with an UPSTREAM.md per method.
 
-Importing this package registers them (``orbitquant.registry.METHODS`` imports it lazily).
+Importing this package registers them (``orbitquant.quant.registry.METHODS`` imports it lazily).
 """
 
 from . import hadamard_rtn, ptq4dit, qdit, smoothquant, svdquant, vidit_q  # noqa: F401

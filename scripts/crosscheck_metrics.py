@@ -81,7 +81,7 @@ def render(rows: list[Row], title: str, context: list[str]) -> str:
 def ours(samples, reference: str, *, preprocess: str, weights: str | None, names=METRICS, split_size: int = 5000,
          reference_files: str | None = None, cache_dir: str | None = None) -> dict[str, float]:
     """Our metrics through the harness's own path (``build_metrics`` -> ``compute``)."""
-    from orbitquant.factory import build_metrics, metric_contexts
+    from orbitquant.harness.factory import build_metrics, metric_contexts
 
     common = {"inception_weights": weights, "progress": False, "cache_dir": cache_dir, "preprocess": preprocess}
     spec = {}
@@ -135,7 +135,7 @@ class _Given(torch.nn.Module):
 
 
 def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    from orbitquant.metrics.features import prepare_torch_fidelity
+    from orbitquant.harness.metrics.features import prepare_torch_fidelity
 
     prepare_torch_fidelity()
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -181,8 +181,8 @@ def cpu_check(work: Path, n: int = 4, seed: int = 0, scipy_rows: bool = True) ->
     itself is compared with scipy in tests/test_metrics_inception.py)."""
     from PIL import Image
 
-    from orbitquant.metrics.features import import_torch_fidelity_inception, write_random_inception_weights
-    from orbitquant.samplestore import SampleSet, StoreWriter
+    from orbitquant.harness.metrics.features import import_torch_fidelity_inception, write_random_inception_weights
+    from orbitquant.harness.samplestore import SampleSet, StoreWriter
 
     work.mkdir(parents=True, exist_ok=True)
     weights = write_random_inception_weights(work / "inception-random.pth", seed)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (args.samples and args.reference):
             ap.error("give --samples and --reference (or --cpu)")
-        from orbitquant.metrics.base import open_samples
+        from orbitquant.harness.metrics.base import open_samples
 
         samples = open_samples(args.samples)
         names = METRICS if args.preprocess == "adm" else ("fid",)

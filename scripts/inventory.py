@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.inventory import ROLE_TABLES, meta_inventory  # noqa: E402
+from orbitquant.harness.inventory import ROLE_TABLES, meta_inventory  # noqa: E402
 
 
 def main() -> None:

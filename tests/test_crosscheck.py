@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_crosscheck_agrees_with_the_reference_implementations(tmp_path):
-    from orbitquant.metrics.features import prepare_torch_fidelity
+    from orbitquant.harness.metrics.features import prepare_torch_fidelity
 
     if not prepare_torch_fidelity():  # its package imports torchvision: registered without running it, as in use
         pytest.skip("torch-fidelity: pip install --no-deps torch-fidelity (the README's test install has it)")

@@ -10,8 +10,8 @@ import torch
 from test_run import _run
 
 import orbitquant as oq
-from orbitquant.codebook import distortion
-from orbitquant.registry import MODELS
+from orbitquant.quant.codebook import distortion
+from orbitquant.quant.registry import MODELS
 
 # adapter -> (tiny model config, eval protocol, sampling kwargs)
 TINY = {
@@ -83,7 +83,7 @@ def check_error_grows_as_bits_shrink(adapter_name: str) -> dict:
     cls = MODELS.get(adapter_name)
     errs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("orbitquant.api.rotation_ks", lambda *_: (None, None))  # KS diagnostics: not under test, slow
+        mp.setattr("orbitquant.quant.api.rotation_ks", lambda *_: (None, None))  # KS diagnostics: not under test, slow
         for w_bits, a_bits in LADDER:
             adapter = cls(tiny=True)
             pipe = adapter.load(torch.float32)
@@ -140,7 +140,7 @@ def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
     from omegaconf import OmegaConf
     from test_run import _compose
 
-    from orbitquant.factory import build_adapter
+    from orbitquant.harness.factory import build_adapter
 
     cfg = _compose([f"model={model}", f"eval={eval_}"])
     adapter = build_adapter(OmegaConf.to_container(cfg.model, resolve=True))
@@ -152,8 +152,8 @@ def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
 def test_video_samples_are_stored_exactly_with_grid_gif_and_mp4_previews(tmp_path):
     import imageio.v3 as iio
 
-    from orbitquant.generate import save_previews
-    from orbitquant.samplestore import SampleSet, StoreWriter
+    from orbitquant.harness.generate import save_previews
+    from orbitquant.harness.samplestore import SampleSet, StoreWriter
 
     clips = torch.rand(2, 9, 3, 16, 24) * 2 - 1
     w = StoreWriter(tmp_path / "samples", "k", 2, "float32")
@@ -166,7 +166,7 @@ def test_video_samples_are_stored_exactly_with_grid_gif_and_mp4_previews(tmp_pat
     assert torch.equal(next(stored.batches(2))[0], clips)
     frames = iio.imread(tmp_path / files["mp4_000"])
     assert frames.shape == (9, 16, 24, 3)
-    from orbitquant.viz import save_mp4
+    from orbitquant.harness.viz import save_mp4
 
     ramp = torch.linspace(-1, 1, 24).expand(9, 3, 16, 24)  # smooth content: H.264 keeps it (noise it does not)
     got = torch.from_numpy(iio.imread(save_mp4(ramp, tmp_path / "ramp.mp4"))).float()

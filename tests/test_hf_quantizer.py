@@ -1,4 +1,4 @@
-"""diffusers integration (``orbitquant.hf_quantizer``): quantize at load time == ``quantize_`` on the fp model,
+"""diffusers integration (``orbitquant.hf.quantizer``): quantize at load time == ``quantize_`` on the fp model,
 save_pretrained/from_pretrained round trips bit-identically from packed codes, one-line errors, bounded memory."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import orbitquant as oq
-import orbitquant.hf_quantizer as oqh
-from orbitquant.adapters.digits import DIT_DIR
-from orbitquant.hf_quantizer import OrbitQuantDiffusersConfig, align_tensors_, diffusers_layers
+import orbitquant.hf.quantizer as oqh
+from orbitquant.harness.adapters.digits import DIT_DIR
+from orbitquant.hf.quantizer import OrbitQuantDiffusersConfig, align_tensors_, diffusers_layers
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -318,7 +318,7 @@ def test_pipeline_quantization_config_quantizes_the_transformer_and_reloads(tmp_
     from diffusers import FluxPipeline
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    from orbitquant.adapters.flux import FluxAdapter
+    from orbitquant.harness.adapters.flux import FluxAdapter
 
     FluxAdapter(tiny=True).build_tiny().save_pretrained(tmp_path / "fp")
     pq = PipelineQuantizationConfig(quant_mapping={"transformer": OrbitQuantDiffusersConfig(w_bits=4, a_bits=8)})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orbitquant.inventory import ROLE_TABLES, build_meta, meta_inventory
+from orbitquant.harness.inventory import ROLE_TABLES, build_meta, meta_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 

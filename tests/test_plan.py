@@ -1,4 +1,4 @@
-"""The sweep planner (orbitquant/plan/, scripts/plan.py): counts from the configs, CFG forwards checked against the
+"""The sweep planner (orbitquant/harness/plan/, scripts/plan.py): counts from the configs, CFG forwards checked against the
 real pipelines, tokens and FLOPs against the shipped configs and a published number, timing sources, the checklist."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from orbitquant import plan as P
-from orbitquant.plan.checklist import model_needs
-from orbitquant.plan.sweep import _axis_writes, _Composer, _overlap
+from orbitquant.harness import plan as P
+from orbitquant.harness.plan.checklist import model_needs
+from orbitquant.harness.plan.sweep import _axis_writes, _Composer, _overlap
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "projection (FLOPs at 40% of measured 679.4 TFLOP/s bf16 GEMM ceiling"
@@ -89,7 +89,7 @@ TINY = {  # family -> (model config, pipeline kwargs, guidance with CFG, guidanc
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_cfg_rule_matches_the_real_pipeline(family):
     """The plan's rows and calls per step are what the diffusers pipeline really runs (counted on a tiny one)."""
-    from orbitquant.factory import build_adapter
+    from orbitquant.harness.factory import build_adapter
 
     name, kwargs, on, off = TINY[family]
     pipe = build_adapter({"adapter": family, "name": name, "tiny": True}).build_tiny(0)
@@ -110,7 +110,7 @@ def test_cfg_rule_matches_the_real_pipeline(family):
 
 
 def test_cfg_rules_agree_with_adapter_layouts():
-    from orbitquant.registry import MODELS
+    from orbitquant.quant.registry import MODELS
 
     for family, rule in P.CFG_RULES.items():
         layout = getattr(MODELS.get(family), "cfg_layout", None)
@@ -323,9 +323,9 @@ def test_checklist_is_the_preflight_of_every_job_each_item_once(tmp_path, monkey
     import numpy as np
     from hydra import compose, initialize_config_dir
 
-    from orbitquant import preflight
-    from orbitquant.data import prompt_file_need
-    from orbitquant.factory import build_adapter, build_metrics
+    from orbitquant.harness import preflight
+    from orbitquant.harness.data import prompt_file_need
+    from orbitquant.harness.factory import build_adapter, build_metrics
 
     monkeypatch.setenv("ORBITQUANT_HASH_CACHE", str(tmp_path / "sha256.json"))
     ref = tmp_path / "ref.npz"

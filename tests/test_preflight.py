@@ -1,4 +1,4 @@
-"""Preflight (orbitquant/preflight.py): file hashes against published digests (and their cache), .npz reference keys
+"""Preflight (orbitquant/harness/preflight.py): file hashes against published digests (and their cache), .npz reference keys
 per metric, evaluator interpreters probed, and ``run.py preflight=true`` / a normal run stopping with the checklist
 before anything is loaded or written."""
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from orbitquant import preflight
-from orbitquant.factory import build_metrics
-from orbitquant.metrics.features import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL
-from orbitquant.preflight import Need, cuda_need, dir_need, file_need, hub_prefix, module_need, npz_need
+from orbitquant.harness import preflight
+from orbitquant.harness.factory import build_metrics
+from orbitquant.harness.metrics.features import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL
+from orbitquant.harness.preflight import Need, cuda_need, dir_need, file_need, hub_prefix, module_need, npz_need
 
 ROOT = Path(__file__).resolve().parent.parent
 _sha256 = hashlib.sha256  # the tests' own digests, not counted by ``sha256_calls``
@@ -163,7 +163,7 @@ def test_npz_need_reads_the_index_only(tmp_path):
 
 
 def test_wrong_inception_weights_are_a_sha256_mismatch_not_present(tmp_path, monkeypatch):
-    import orbitquant.metrics.inception as inception
+    import orbitquant.harness.metrics.inception as inception
 
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     fake = tmp_path / INCEPTION_FILE

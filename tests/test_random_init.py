@@ -15,11 +15,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from orbitquant.adapters import diffusers_base
-from orbitquant.adapters.random_init import shipped_config
-from orbitquant.factory import build_adapter
-from orbitquant.inventory import ROLE_TABLES, build_meta, meta_inventory
-from orbitquant.registry import MODELS
+from orbitquant.harness.adapters import diffusers_base
+from orbitquant.harness.adapters.random_init import shipped_config
+from orbitquant.harness.factory import build_adapter
+from orbitquant.harness.inventory import ROLE_TABLES, build_meta, meta_inventory
+from orbitquant.quant.registry import MODELS
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

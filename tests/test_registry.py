@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from orbitquant.registry import METHODS, METRICS, MODELS, Registry
+from orbitquant.quant.registry import METHODS, METRICS, MODELS, Registry
 
 
 def test_unknown_names_list_valid_ones_and_suggest():

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from orbitquant.factory import build_adapter, build_metrics, build_quant_config
+from orbitquant.harness.factory import build_adapter, build_metrics, build_quant_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -51,7 +51,7 @@ def test_every_eval_composes_and_its_metrics_exist(eval_):
 
 def _stored(run_dir: Path, name: str = "samples") -> torch.Tensor:
     """A run's stored samples (its sample store), all of them, as float32."""
-    from orbitquant.samplestore import SampleSet
+    from orbitquant.harness.samplestore import SampleSet
 
     return torch.cat([x for x, _ in SampleSet.open(run_dir / name).batches(1024)])
 
@@ -157,7 +157,7 @@ def test_calibrated_run_writes_and_then_reuses_its_calibration_artifact(tmp_path
 
 @pytest.mark.parametrize("calib", _options("calib"))
 def test_every_calib_protocol_fits_some_model_and_loads_its_prompts(calib):
-    from orbitquant.registry import MODELS
+    from orbitquant.quant.registry import MODELS
 
     protocol = OmegaConf.to_container(_compose([f"calib={calib}"]).calib, resolve=True)["protocol"]
     fits = []
@@ -208,7 +208,7 @@ def test_same_config_and_seeds_give_bit_identical_samples_and_metrics(tmp_path):
 
 
 def test_group_check_passes_valid_overrides_and_leaves_hydra_groups_and_sweep_functions_to_hydra():
-    from orbitquant.cli import check_group_overrides, fp_bits_error
+    from orbitquant.harness.cli import check_group_overrides, fp_bits_error
 
     ok = ["quant=orbit,rtn", "+experiment=digits", "bits=null", "quant.alpha=0.5", "w_bits=4", "-m",
           "hydra/launcher=joblib", "seed=range(0,3)", "quant=choice(orbit,rtn)"]
@@ -279,7 +279,7 @@ def test_the_mission_command_reaches_the_weights_check_and_ends_in_one_line(tmp_
 
 
 def test_a_video_run_stored_as_mp4_is_exact_for_fp_and_keeps_each_video_as_one_file(tmp_path):
-    from orbitquant.samplestore import SampleSet
+    from orbitquant.harness.samplestore import SampleSet
 
     _run(["model=tiny_wan", "quant=fp", "eval.store=mp4"], tmp_path)
     run = json.loads(next((tmp_path / "runs").glob("tiny_wan/fp/**/results.json")).read_text())

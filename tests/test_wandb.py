@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from orbitquant.wandb_log import mirror, resolve_mode, run_names
+from orbitquant.harness.wandb_log import mirror, resolve_mode, run_names
 
 pytest.importorskip("wandb")
 
@@ -49,7 +49,7 @@ def test_offline_mirror_logs_summary_samples_plot_and_artifact_under_logger_dir(
     import wandb
 
     res, run_dir = _results(tmp_path)
-    from orbitquant.viz import plot_layer_errors
+    from orbitquant.harness.viz import plot_layer_errors
 
     plot_layer_errors([{"role": "attn.q", "treatment": "orbit w4a8", "rel_err": 0.1}], run_dir / "layer_error.png")
     out = mirror(res, run_dir, {"name": "wandb", "mode": "auto", "dir": str(tmp_path / "wb"), "max_images": 5})
@@ -75,7 +75,7 @@ def test_a_failing_wandb_never_fails_the_run(tmp_path, monkeypatch, caplog):
         raise RuntimeError("server unreachable")
 
     monkeypatch.setattr(wandb, "init", boom)
-    monkeypatch.setattr("orbitquant.wandb_log._warned", set())
+    monkeypatch.setattr("orbitquant.harness.wandb_log._warned", set())
     with caplog.at_level(logging.WARNING):
         assert mirror(res, run_dir, {"name": "wandb", "mode": "offline", "dir": str(tmp_path / "wb")}) is None
     assert "results.json is complete on disk" in caplog.text

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from orbitquant.calib import (
+from orbitquant.quant.calib import (
     ActivationCollector,
     InputRecorder,
     Record,
@@ -38,11 +38,11 @@ from orbitquant.calib import (
     current_call,
     split_halves,
 )
-from orbitquant.config import QuantConfig
-from orbitquant.methods.base import Quantizer
-from orbitquant.nn import ChannelScale, DenseWeight, NoActQuant, QuantLinear
-from orbitquant.registry import register_method
-from orbitquant.types import ROLES, LayerRef
+from orbitquant.quant.config import QuantConfig
+from orbitquant.quant.methods.base import Quantizer
+from orbitquant.quant.nn import ChannelScale, DenseWeight, NoActQuant, QuantLinear
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.types import ROLES, LayerRef
 
 from .quantizers import (
     PERCENTILES,

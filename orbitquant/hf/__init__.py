@@ -1,0 +1,1 @@
+"""The diffusers backend: ``quant_backend="orbitquant"`` for ``from_pretrained`` (``quantizer``)."""
