@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +12,26 @@ from test_run import _run
 
 import orbitquant as oq
 from orbitquant.quant.codebook import distortion
-from orbitquant.quant.registry import MODELS
+from orbitquant.quant.registry import METHODS, MODELS
 
-# adapter -> (tiny model config, eval protocol, sampling kwargs)
-TINY = {
-    "flux": ("tiny_flux", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
-    "wan": ("tiny_wan", "t2v_smoke", dict(guidance=5.0, height=16, width=16, num_frames=5)),
-    "cogvideox": ("tiny_cogvideox", "t2v_smoke", dict(guidance=6.0, height=16, width=16, num_frames=9)),
-    "zimage": ("tiny_zimage", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
-    "dit": ("tiny_dit", "c2i_smoke", dict(guidance=1.5)),
-}
+
+def _tiny_families() -> dict[str, tuple[str, str, dict]]:
+    """Every registered diffusers family -> (its tiny model config ``tiny_<family>``, that config's eval protocol, the
+    adapter's tiny sampling kwargs): enumerated from the registry, so a new family is tested once registered."""
+    from test_run import _compose
+
+    from orbitquant.harness.adapters.diffusers_base import diffusers_adapters
+
+    out = {}
+    for name, cls in sorted(diffusers_adapters().items()):
+        conf = CONF / f"tiny_{name}.yaml"
+        assert conf.is_file(), f"family {name!r} has no conf/model/tiny_{name}.yaml (docs/extending.md, recipe 2)"
+        out[name] = (f"tiny_{name}", _compose([f"model=tiny_{name}"]).eval.name, dict(cls.tiny_generate_kwargs))
+    return out
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+TINY = _tiny_families()
 
 
 @pytest.mark.parametrize("adapter_name", sorted(TINY))
@@ -112,10 +123,11 @@ SWEEP_SLOW = {"tiny_cogvideox", "tiny_zimage"}
                                           for m, e in sorted((m, e) for m, e, _ in TINY.values())])
 def test_run_every_method_on_tiny_family(model, eval_, tmp_path):
     # calibrated methods calibrate on the family's smoke calib protocol (same name as the eval)
-    _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant,vidit_q,ptq4dit",
+    methods = METHODS.names()  # every registered method, each by its own conf/quant/<name>.yaml
+    _run(["-m", f"model={model}", "quant=" + ",".join(methods),
           f"eval={eval_}", f"calib={eval_}", "dtype=float32", "w_bits=4", "a_bits=8"], tmp_path)
     found = sorted(p.relative_to(tmp_path / "runs").parts[1] for p in (tmp_path / "runs").glob("**/results.json"))
-    assert found == ["fp", "hadamard_rtn", "orbit", "ptq4dit", "qdit", "rtn", "smoothquant", "svdquant", "vidit_q"]
+    assert found == methods
     qdit = json.loads(next((tmp_path / "runs").glob("**/qdit/**/results.json")).read_text())
     assert qdit["quant_report"]["summary"]["calibration"]["inputs_recorded"] >= 1
     fp = json.loads(next((tmp_path / "runs").glob("**/fp/**/results.json")).read_text())

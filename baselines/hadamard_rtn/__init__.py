@@ -34,7 +34,7 @@ class HadamardRTNConfig(QuantConfig):
         check_symmetric_bits(self)
 
 
-@register_method("hadamard_rtn")
+@register_method
 class HadamardRTNQuantizer(RotatedQuantizer):
     config_cls = HadamardRTNConfig
 

@@ -228,7 +228,7 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-@register_method("ptq4dit")
+@register_method
 class PTQ4DiTQuantizer(Quantizer):
     config_cls = PTQ4DiTConfig
     needs_calibration = True

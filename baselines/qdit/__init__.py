@@ -93,7 +93,7 @@ class _BlockDone(Exception):
     """Raised by a Hessian hook once every layer of the block has been seen: the rest of the forward is moot."""
 
 
-@register_method("qdit")
+@register_method
 class QDiTQuantizer(Quantizer):
     config_cls = QDiTConfig
 

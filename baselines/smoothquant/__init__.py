@@ -67,7 +67,7 @@ class SmoothQuantConfig(QuantConfig):
             raise ValueError("smoothquant uses symmetric RTN: w_bits and a_bits must be >= 2")
 
 
-@register_method("smoothquant")
+@register_method
 class SmoothQuantQuantizer(CollectingQuantizer):
     config_cls = SmoothQuantConfig
 

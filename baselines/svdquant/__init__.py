@@ -251,7 +251,7 @@ def _output_error(y: torch.Tensor, x_s: torch.Tensor, x_q: torch.Tensor, lr: tor
     return ((y - (x_s @ lr.T + x_q @ q.T)).norm() / y.norm()).item()
 
 
-@register_method("svdquant")
+@register_method
 class SVDQuantQuantizer(CollectingQuantizer):
     config_cls = SVDQuantConfig
 

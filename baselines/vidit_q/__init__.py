@@ -157,7 +157,7 @@ class ActScaleEMA:
         self._hooks.clear()
 
 
-@register_method("vidit_q")
+@register_method
 class ViDiTQQuantizer(Quantizer):
     config_cls = ViDiTQConfig
 

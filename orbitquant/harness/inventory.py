@@ -11,8 +11,6 @@ from collections import Counter
 import torch
 from torch import nn
 
-from orbitquant.harness.adapters.dit_roles import DIT_ROLES
-from orbitquant.harness.adapters.family_roles import COGVIDEOX_ROLES, FLUX_ROLES, WAN_ROLES, ZIMAGE_ROLES
 from orbitquant.harness.adapters.roles import RoleTable
 from orbitquant.harness.paths import CONFIGS
 from orbitquant.quant.api import layer_treatment
@@ -20,12 +18,21 @@ from orbitquant.quant.config import OrbitConfig
 from orbitquant.quant.rotation import largest_pow2_divisor
 from orbitquant.quant.types import LayerRef
 
-ROLE_TABLES: dict[str, RoleTable] = {
-    "flux1_dev": FLUX_ROLES, "flux1_schnell": FLUX_ROLES,
-    "wan21": WAN_ROLES, "wan21_14b": WAN_ROLES,
-    "cogvideox_2b": COGVIDEOX_ROLES, "cogvideox_5b": COGVIDEOX_ROLES,
-    "zimage_turbo": ZIMAGE_ROLES, "dit_xl_2": DIT_ROLES,
-}
+
+def role_tables() -> dict[str, RoleTable]:
+    """Model config name -> role table, for every shipped transformer config (``assets/configs/<name>.json``): its
+    ``_class_name`` finds the adapter that declares that transformer class (no list kept here)."""
+    from orbitquant.harness.adapters.diffusers_base import roles_by_class_name
+
+    by_class = roles_by_class_name()
+    out = {}
+    for f in sorted(CONFIGS.glob("*.json")):
+        cls = json.loads(f.read_text()).get("_class_name")
+        if cls not in by_class:
+            raise KeyError(f"{f.name}: no registered adapter declares transformer_cls = {cls!r}")
+        out[f.stem] = by_class[cls]
+    return out
+
 _TREATMENT_NAMES = {"method": "orbit", "adaln": "adaln_int4", "skip": "untouched"}
 
 
@@ -33,8 +40,8 @@ def build_meta(name: str) -> nn.Module:
     """The full-size transformer of ``name`` with every tensor on the meta device."""
     import diffusers
 
-    if name not in ROLE_TABLES:
-        raise KeyError(f"no shipped config for {name!r}; known: {', '.join(sorted(ROLE_TABLES))}")
+    if not (CONFIGS / f"{name}.json").is_file():
+        raise KeyError(f"no shipped config for {name!r}; known: {', '.join(sorted(role_tables()))}")
     cfg = json.loads((CONFIGS / f"{name}.json").read_text())
     cls = getattr(diffusers, cfg.pop("_class_name"))
     with torch.device("meta"):
@@ -56,4 +63,4 @@ def inventory(refs: list[LayerRef], config: OrbitConfig | None = None) -> dict:
 
 def meta_inventory(name: str) -> dict:
     model = build_meta(name)
-    return {"model": name, "params": sum(p.numel() for p in model.parameters()), **inventory(ROLE_TABLES[name].refs(model))}
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), **inventory(role_tables()[name].refs(model))}

@@ -19,8 +19,9 @@ How it hooks into ``ModelMixin.from_pretrained`` (diffusers' quantizer protocol,
 * ``_process_model_after_weight_loading`` checks every target layer was loaded and attaches a ``QuantReport``
   (``model.orbitquant_report``).
 
-Only data-free methods run at load time (``orbit``, ``rtn``, ``hadamard_rtn``, ``fp``): calibrated ones need the
-model's sampler and calibration data, which ``from_pretrained`` does not have.
+Every data-free method runs at load time (the method class says: ``needs_calibration`` false; ``data_free_methods()``
+lists them): calibrated ones need the model's sampler and calibration data, which ``from_pretrained`` does not
+have.
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ from orbitquant.quant.nn import RUNTIMES, construction_runtime
 from orbitquant.quant.types import LayerRef
 
 QUANT_METHOD = "orbitquant"
-#: methods that need no calibration data and whose layers can be rebuilt from a saved manifest
-DATA_FREE = ("fp", "hadamard_rtn", "orbit", "rtn")
 ROLE_MODES = ("auto", "linear")
 #: the safetensors header key holding the layer manifest of a saved model
 METADATA_KEY = "orbitquant"
@@ -163,27 +162,24 @@ def _build_quant_config(method: str, w_bits, a_bits, seed, options: dict) -> Qua
     if quantizer.needs_calibration:
         raise _error(f"OrbitQuantDiffusersConfig: method {method!r} needs calibration data, which from_pretrained "
                      f"cannot provide; load the fp model and call orbitquant.quantize_(model, config, layers, "
-                     f"calibrate=...) (run.py quant={method}), or use a data-free method: {', '.join(DATA_FREE)}")
-    if method not in DATA_FREE:
-        raise _error(f"OrbitQuantDiffusersConfig: method {method!r} is not supported at load time; use one of "
-                     f"{', '.join(DATA_FREE)}, or quantize the loaded model with orbitquant.quantize_")
+                     f"calibrate=...) (run.py quant={method}), or use a data-free method: "
+                     f"{', '.join(data_free_methods())}")
     return qcfg
+
+
+def data_free_methods() -> list[str]:
+    """The registered methods whose default configuration needs no calibration data (the method class decides)."""
+    from orbitquant.quant.registry import METHODS
+
+    return [n for n, cls in METHODS.items() if not cls(cls.config_cls()).needs_calibration]
 
 
 # ---------------------------------------------------------------------------------------------- layer selection
 def _role_table(model: nn.Module):
     """The role table of the adapter whose diffusers class ``model`` is (or derives from); None for other models."""
-    from orbitquant.harness.adapters.dit_roles import DIT_ROLES
-    from orbitquant.harness.adapters.family_roles import COGVIDEOX_ROLES, FLUX_ROLES, WAN_ROLES, ZIMAGE_ROLES
+    from orbitquant.harness.adapters.diffusers_base import roles_for_class
 
-    # keyed by class name, not class object, so importing this module does not import every diffusers model
-    tables = {"FluxTransformer2DModel": FLUX_ROLES, "WanTransformer3DModel": WAN_ROLES,
-              "CogVideoXTransformer3DModel": COGVIDEOX_ROLES, "ZImageTransformer2DModel": ZIMAGE_ROLES,
-              "DiTTransformer2DModel": DIT_ROLES}
-    for cls in type(model).__mro__:
-        if cls.__name__ in tables:
-            return tables[cls.__name__]
-    return None
+    return roles_for_class(type(model))
 
 
 def _excluded(fqn: str, names: list[str]) -> bool:

@@ -10,7 +10,7 @@ import torch
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import COGVIDEOX_ROLES
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config
-from orbitquant.harness.adapters.tiny_text import t5_encoder, t5_tokenizer
+from orbitquant.harness.adapters.tiny_parts import t5_encoder, t5_tokenizer
 from orbitquant.quant.registry import register_model
 
 
@@ -19,6 +19,8 @@ class CogVideoXAdapter(DiffusersAdapter):
     cfg_layout = "uncond_first"  # CFG concatenates [uncond; cond]
     modality = "video"
     roles = COGVIDEOX_ROLES
+    transformer_cls = "CogVideoXTransformer3DModel"
+    tiny_generate_kwargs = {"guidance": 6.0, "height": 16, "width": 16, "num_frames": 9}
     default_name = "cogvideox_2b"
     pipeline_cls = "CogVideoXPipeline"
     default_repo = "THUDM/CogVideoX-2b"

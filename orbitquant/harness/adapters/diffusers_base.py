@@ -26,6 +26,9 @@ from orbitquant.quant.types import LayerRef
 
 class DiffusersAdapter(ModelAdapter):
     roles: ClassVar[RoleTable]
+    #: the diffusers transformer class name the role table describes: the diffusers backend and the inventory find
+    #: a model's role table through it (by name, so that nothing imports every diffusers model class)
+    transformer_cls: ClassVar[str]
     pipeline_cls: ClassVar[str]
     default_name: ClassVar[str]  # the model config name of the default checkpoint
     default_repo: ClassVar[str]
@@ -35,6 +38,8 @@ class DiffusersAdapter(ModelAdapter):
     #: extra arguments of the one-step probe call (e.g. a few frames for video models)
     probe_kwargs: ClassVar[dict[str, Any]] = {"height": 256, "width": 256}
     tiny_probe_kwargs: ClassVar[dict[str, Any]] = {"height": 64, "width": 64}
+    #: sampling arguments of the tiny pipeline in tests (guidance, and the resolution / frames it supports)
+    tiny_generate_kwargs: ClassVar[dict[str, Any]] = {"guidance": 0.0, "height": 32, "width": 32}
     #: how the pipeline runs classifier-free guidance (see ``calib.publish_calls``)
     cfg_layout: ClassVar[str] = "cond_first"
 
@@ -171,3 +176,21 @@ class DiffusersAdapter(ModelAdapter):
         size = self.tiny_probe_kwargs if self.tiny and not self.path else self.probe_kwargs
         pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=0.0, generator=[g], output_type="latent",
              **size, **self._call_kwargs(pipe))
+
+
+def diffusers_adapters() -> dict[str, type[DiffusersAdapter]]:
+    """Every registered diffusers family: registry name -> adapter class."""
+    from orbitquant.quant.registry import MODELS
+
+    return {n: c for n, c in MODELS.items() if isinstance(c, type) and issubclass(c, DiffusersAdapter)}
+
+
+def roles_by_class_name() -> dict[str, RoleTable]:
+    """Diffusers transformer class name -> the role table of the adapter that declares it (``transformer_cls``)."""
+    return {c.transformer_cls: c.roles for c in diffusers_adapters().values() if getattr(c, "transformer_cls", None)}
+
+
+def roles_for_class(model_cls: type) -> RoleTable | None:
+    """The role table of the adapter whose ``transformer_cls`` is ``model_cls`` or one of its bases; None if none."""
+    by_name = roles_by_class_name()
+    return next((by_name[k.__name__] for k in model_cls.__mro__ if k.__name__ in by_name), None)

@@ -12,6 +12,7 @@ import torch
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.dit_roles import DIT_ROLES
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
+from orbitquant.harness.adapters.tiny_parts import tiny_kl_vae
 from orbitquant.harness.samplestore import MemorySink
 from orbitquant.quant.registry import register_model
 
@@ -21,6 +22,8 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "dd
 @register_model("dit")
 class DiTAdapter(DiffusersAdapter):
     roles = DIT_ROLES
+    transformer_cls = "DiTTransformer2DModel"
+    tiny_generate_kwargs = {"guidance": 1.5}
     default_name = "dit_xl_2"
     pipeline_cls = "DiTPipeline"
     default_repo = "facebook/DiT-XL-2-256"
@@ -41,13 +44,12 @@ class DiTAdapter(DiffusersAdapter):
 
     def build_tiny(self, seed: int = 0):
         """A random-init DiTPipeline (2 blocks, hidden 16, 8x8 latents, tiny VAE); CPU, no hub."""
-        from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+        from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
         torch.manual_seed(seed)
         transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                             num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
-        vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        vae = tiny_kl_vae(4)
         return DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDIMScheduler(),
                            id2label={i: f"class{i}" for i in range(1000)})
 

@@ -20,9 +20,8 @@
 
 from __future__ import annotations
 
+from orbitquant.harness.adapters.roles import ATTN_RULES as _ATTN
 from orbitquant.harness.adapters.roles import RoleTable
-
-_ATTN = (("to_q", "attn.q"), ("to_k", "attn.k"), ("to_v", "attn.v"), (r"to_out\.0", "attn.out"))
 
 _FD = r"(?P<stack>transformer_blocks)\.(?P<block>\d+)\."
 _FS = r"(?P<stack>single_transformer_blocks)\.(?P<block>\d+)\."

@@ -7,7 +7,13 @@ import torch
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import FLUX_ROLES
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
-from orbitquant.harness.adapters.tiny_text import clip_text_model, clip_tokenizer, t5_encoder, t5_tokenizer
+from orbitquant.harness.adapters.tiny_parts import (
+    clip_text_model,
+    clip_tokenizer,
+    t5_encoder,
+    t5_tokenizer,
+    tiny_kl_vae,
+)
 from orbitquant.quant.registry import register_model
 
 
@@ -15,6 +21,8 @@ from orbitquant.quant.registry import register_model
 class FluxAdapter(DiffusersAdapter):
     cfg_layout = "calls"  # true CFG (negative prompt, true_cfg_scale > 1) runs a separate forward after the conditional one
     roles = FLUX_ROLES
+    transformer_cls = "FluxTransformer2DModel"
+    tiny_generate_kwargs = {"guidance": 0.0, "height": 32, "width": 32}
     default_name = "flux1_schnell"
     pipeline_cls = "FluxPipeline"
     default_repo = "black-forest-labs/FLUX.1-schnell"
@@ -28,16 +36,14 @@ class FluxAdapter(DiffusersAdapter):
 
     def build_tiny(self, seed: int = 0):
         """A random-init FluxPipeline (2 dual + 2 single blocks, hidden 32, tiny CLIP/T5/VAE); CPU, no hub."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
             axes_dims_rope=(4, 6, 6))
-        vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
+        vae = tiny_kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
         ct, tt = clip_tokenizer(), t5_tokenizer()
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip_text_model(ct, seed=seed),
                             tokenizer=ct, text_encoder_2=t5_encoder(tt, seed=seed), tokenizer_2=tt,

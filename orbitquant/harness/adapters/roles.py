@@ -15,6 +15,10 @@ from torch import nn
 
 from orbitquant.quant.types import LayerRef
 
+#: the diffusers ``Attention`` module's four linears (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) and their
+#: self-attention roles; a cross-attention maps them to ``ctx.*``
+ATTN_RULES = (("to_q", "attn.q"), ("to_k", "attn.k"), ("to_v", "attn.v"), (r"to_out\.0", "attn.out"))
+
 
 @dataclass(frozen=True)
 class RoleTable:

@@ -11,7 +11,7 @@ import torch
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import WAN_ROLES
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config
-from orbitquant.harness.adapters.tiny_text import t5_encoder, t5_tokenizer
+from orbitquant.harness.adapters.tiny_parts import t5_encoder, t5_tokenizer
 from orbitquant.quant.registry import register_model
 
 
@@ -20,6 +20,8 @@ class WanAdapter(DiffusersAdapter):
     cfg_layout = "calls"  # CFG runs the conditional forward, then the unconditional one
     modality = "video"
     roles = WAN_ROLES
+    transformer_cls = "WanTransformer3DModel"
+    tiny_generate_kwargs = {"guidance": 5.0, "height": 16, "width": 16, "num_frames": 5}
     default_name = "wan21"
     pipeline_cls = "WanPipeline"
     default_repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"

@@ -11,13 +11,15 @@ import torch
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import ZIMAGE_ROLES
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
-from orbitquant.harness.adapters.tiny_text import chat_tokenizer, qwen3_model
+from orbitquant.harness.adapters.tiny_parts import chat_tokenizer, qwen3_model, tiny_kl_vae
 from orbitquant.quant.registry import register_model
 
 
 @register_model("zimage")
 class ZImageAdapter(DiffusersAdapter):
     roles = ZIMAGE_ROLES
+    transformer_cls = "ZImageTransformer2DModel"
+    tiny_generate_kwargs = {"guidance": 0.0, "height": 32, "width": 32}
     default_name = "zimage_turbo"
     pipeline_cls = "ZImagePipeline"
     default_repo = "Tongyi-MAI/Z-Image-Turbo"
@@ -26,15 +28,13 @@ class ZImageAdapter(DiffusersAdapter):
 
     def build_tiny(self, seed: int = 0):
         """A random-init ZImagePipeline (1+1 refiner and 2 main layers, dim 32, tiny Qwen3 and VAE); CPU, no hub."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
         torch.manual_seed(seed)
         transformer = ZImageTransformer2DModel(
             all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
             n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
-        vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=16, norm_num_groups=8,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
+        vae = tiny_kl_vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
         tok = chat_tokenizer()
         return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=qwen3_model(tok, seed=seed),
                               tokenizer=tok, transformer=transformer.eval())

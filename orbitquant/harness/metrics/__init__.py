@@ -1,4 +1,5 @@
-"""Metrics; importing this package registers them."""
+"""Metrics; importing this package imports every module in it, and each metric registers itself (a new metric's
+module is found without editing a list)."""
 
 from orbitquant.harness.metrics.features import prepare_torch_fidelity
 
@@ -7,8 +8,11 @@ from orbitquant.harness.metrics.features import prepare_torch_fidelity
 # __init__ before anything imports torchmetrics (its Inception module is plain torch; see features.py)
 prepare_torch_fidelity()
 
-from orbitquant.harness.metrics import clip_score, digits, geneval, inception, lpips, similarity, vbench  # noqa: E402, F401
 from orbitquant.harness.metrics.base import Metric  # noqa: E402
 from orbitquant.harness.metrics.digits import DigitsContext  # noqa: E402
 
 __all__ = ["DigitsContext", "Metric"]
+
+from orbitquant.quant.registry import import_submodules  # noqa: E402
+
+import_submodules(__name__)

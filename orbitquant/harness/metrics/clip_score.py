@@ -152,7 +152,7 @@ def load_clip(model: str = "ViT-B/32", weights: str | None = None) -> torch.nn.M
     return clip_model_module().build_model(sd).float().eval()  # build_model converts to fp16
 
 
-@register_metric("clip_score")
+@register_metric
 class CLIPScore(Metric):
     """Mean CLIP score of each sample against its prompt (``samples.meta['prompts'][label]``), 0..100."""
 

@@ -75,7 +75,7 @@ class DigitsMetric(Metric):
         return item_batches(samples, self.batch_size)
 
 
-@register_metric("fid_vs_fp")
+@register_metric
 class FIDvsFP(DigitsMetric):
     """FID between the sample set and the fp sample set, on the classifier's 64-d features."""
 
@@ -86,7 +86,7 @@ class FIDvsFP(DigitsMetric):
         return self.result(_fid(ctx, pairs), len(samples))
 
 
-@register_metric("fid_vs_real")
+@register_metric
 class FIDvsReal(DigitsMetric):
     """FID between the samples and all 1797 real digits, on the classifier's 64-d features."""
 
@@ -98,7 +98,7 @@ class FIDvsReal(DigitsMetric):
         return self.result(_fid(ctx, pairs), len(samples), n_real=len(real))
 
 
-@register_metric("class_acc")
+@register_metric
 class ClassAccuracy(DigitsMetric):
     """Fraction of samples the classifier assigns to the class they were conditioned on."""
 
@@ -114,7 +114,7 @@ class ClassAccuracy(DigitsMetric):
         return self.result(acc.compute(), len(samples))
 
 
-@register_metric("inception_score")
+@register_metric
 class DigitsInceptionScore(DigitsMetric):
     """Inception-score analogue exp(E KL(p(y|x) || p(y))) on the classifier (max 10), 5 splits."""
 

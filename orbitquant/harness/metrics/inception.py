@@ -214,7 +214,7 @@ class InceptionMetric(Metric):
             return out
         if self.reference is None:
             raise ValueError(f"metric {self.name} needs `reference:` (an image folder, an ADM reference batch "
-                             ".npz, statistics .npz, or fp); e.g. eval.metrics.{self.name}.reference=/path")
+                             f".npz, statistics .npz, or fp); e.g. eval.metrics.{self.name}.reference=/path")
         if self.reference == "fp":
             return out
         ref, fix = Path(self.reference), reference_fix(self.reference)
@@ -274,14 +274,14 @@ class _FrechetMetric(InceptionMetric):
         return self.result(stats.frechet_distance(mu1, s1, mu2, s2), len(fake), **extra)
 
 
-@register_metric("fid")
+@register_metric
 class FID(_FrechetMetric):
     """Fréchet Inception Distance on pool-3 features (2048-d) against ``reference``."""
 
     name = "fid"
 
 
-@register_metric("sfid")
+@register_metric
 class SFID(_FrechetMetric):
     """Spatial FID (Nash et al. 2021; ADM): Fréchet distance on the first 7 channels of ``mixed_6/conv`` (2023-d)."""
 
@@ -289,7 +289,7 @@ class SFID(_FrechetMetric):
     npz_keys = (("mu_s", "sigma_s"), ("arr_0",), ("images",))
 
 
-@register_metric("isc")
+@register_metric
 class InceptionScore(InceptionMetric):
     """Inception Score on the 1008 unbiased ImageNet logits, over splits of ``split_size`` (ADM: 5000); the
     per-sample values are each sample's KL(p(y|x) || p(y)). (``inception_score`` is the digits-classifier analogue.)"""
@@ -309,7 +309,7 @@ class InceptionScore(InceptionMetric):
                            per_sample=per_sample(per))
 
 
-@register_metric("precision")
+@register_metric
 class Precision(InceptionMetric):
     """Improved precision (Kynkäänniemi et al., k=3): the fraction of samples inside the real k-NN manifold
     (pool-3 features). Per-sample: 1 if that sample is inside."""
@@ -321,7 +321,7 @@ class Precision(InceptionMetric):
         return self.result(prec.double().mean(), len(prec), k=self.k, per_sample=per_sample(prec.double()))
 
 
-@register_metric("recall")
+@register_metric
 class Recall(InceptionMetric):
     """Improved recall (k=3): the fraction of real images inside the samples' k-NN manifold. Per-real-image values
     (they do not pair with samples, so they are not reported)."""

@@ -100,7 +100,7 @@ def build_lpips(net: str = "alex", backbone_weights: str | Path | None = None, r
         return tm._NoTrainLpips(net=net, pnet_rand=random_backbone).eval()
 
 
-@register_metric("lpips_vs_fp")
+@register_metric
 class LPIPSvsFP(Metric):
     """Mean per-sample LPIPS (lower = closer) between each sample and the fp sample of the same seed and prompt."""
 

@@ -21,7 +21,7 @@ def _per_sample(per: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in per.double().tolist()]
 
 
-class _PairedMetric(Metric):
+class PairedMetric(Metric):
     """A per-sample comparison with the fp sample; ``batch_size`` = images (video frames) read per batch from each
     set (default: ``base.READ_BYTES`` of float32 images)."""
 
@@ -38,8 +38,8 @@ class _PairedMetric(Metric):
                             "samples")
 
 
-@register_metric("psnr_vs_fp")
-class PSNRvsFP(_PairedMetric):
+@register_metric
+class PSNRvsFP(PairedMetric):
     """Mean per-sample PSNR (dB, peak-to-peak 2) against the fp sample with the same noise and class."""
 
     name, higher_is_better = "psnr_vs_fp", True
@@ -55,8 +55,8 @@ class PSNRvsFP(_PairedMetric):
                            per_sample=_per_sample(per))
 
 
-@register_metric("ssim_vs_fp")
-class SSIMvsFP(_PairedMetric):
+@register_metric
+class SSIMvsFP(PairedMetric):
     """Mean per-sample SSIM (videos: mean over frames) against the fp sample (3x3 Gaussian window, sigma 0.5, so 8x8 digits work too)."""
 
     name, higher_is_better = "ssim_vs_fp", True

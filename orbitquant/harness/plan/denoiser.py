@@ -160,7 +160,7 @@ def _layer_table(model_name: str) -> tuple[tuple[tuple[str, str, int, int], ...]
     import torch
 
     from orbitquant.harness.adapters.dit_roles import DIT_ROLES
-    from orbitquant.harness.inventory import ROLE_TABLES, build_meta
+    from orbitquant.harness.inventory import build_meta, role_tables
 
     if model_name in ("digits", "digits_outliers"):
         from diffusers import DiTTransformer2DModel
@@ -170,7 +170,7 @@ def _layer_table(model_name: str) -> tuple[tuple[tuple[str, str, int, int], ...]
             model = DiTTransformer2DModel.from_config(cfg)
         table = DIT_ROLES
     else:
-        model, table = build_meta(model_name), ROLE_TABLES[model_name]
+        model, table = build_meta(model_name), role_tables()[model_name]
     refs = table.refs(model)
     stacks = {s: len(getattr(model, s)) for s in table.stacks}
     rows = tuple((r.fqn, r.role, r.module.in_features, r.module.out_features) for r in refs)

@@ -10,7 +10,7 @@ from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
 
 
-@register_method("fp")
+@register_method
 class FPQuantizer(Quantizer):
     config_cls = FPConfig
 

@@ -16,7 +16,7 @@ from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
 
 
-@register_method("orbit")
+@register_method
 class OrbitQuantizer(RotatedQuantizer):
     config_cls = OrbitConfig
 

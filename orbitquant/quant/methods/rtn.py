@@ -11,7 +11,7 @@ from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
 
 
-@register_method("rtn")
+@register_method
 class RTNQuantizer(Quantizer):
     config_cls = RTNConfig
 

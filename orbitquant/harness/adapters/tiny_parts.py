@@ -1,4 +1,5 @@
-"""Tiny, offline text stacks for random-init test pipelines: tokenizers built in memory, encoders from config.
+"""Tiny, offline parts for random-init test pipelines: tokenizers built in memory, text encoders from config, and
+one small KL VAE.
 
 transformers 5.x ignores ``vocab_file=`` / ``merges_file=`` for some tokenizers (garbage ids), so the
 vocabularies are passed as in-memory objects. Numbers produced with these encoders mean nothing; they
@@ -86,3 +87,13 @@ def qwen3_model(tok, hidden: int = 16, seed: int = 0, head_dim: int | None = Non
                       head_dim=head_dim or hidden // 2, max_position_embeddings=max_positions,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return Qwen3Model(cfg).eval()
+
+
+def tiny_kl_vae(latent_channels: int = 4, **config):
+    """A two-level ``AutoencoderKL`` (8 and 16 channels, 2x spatial compression) with ``latent_channels``; ``config``
+    overrides the rest (e.g. FLUX's ``use_quant_conv=False``). The image families' tiny pipelines share it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**{"block_out_channels": (8, 16), "latent_channels": latent_channels, "norm_num_groups": 8,
+                            "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+                            **config})
