@@ -22,13 +22,14 @@ How it hooks into ``ModelMixin.from_pretrained`` (diffusers' quantizer protocol,
 Every data-free method runs at load time (the method class says: ``needs_calibration`` false; ``data_free_methods()``
 lists them): calibrated ones need the model's sampler and calibration data, which ``from_pretrained`` does not
 have.
+
+The config and its validation live in ``orbitquant.hf.config``, layer selection and the loader's memory
+helpers in ``orbitquant.hf.layers``; this module holds the loader hooks and the registration, and re-exports
+those modules' public names, so ``from orbitquant.hf.quantizer import ...`` works as before.
 """
 
 from __future__ import annotations
 
-import copy
-import ctypes
-import functools
 import json
 import time
 from pathlib import Path
@@ -36,7 +37,6 @@ from typing import Any
 
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
-from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
 
 from orbitquant.quant.api import (
@@ -50,208 +50,19 @@ from orbitquant.quant.api import (
     resident_bytes,
 )
 from orbitquant.quant.checkpoint import FORMAT, config_dict, layer_records, rebuild_layer, saved_layer_slot
-from orbitquant.quant.config import QuantConfig
-from orbitquant.quant.nn import RUNTIMES, construction_runtime
+from orbitquant.quant.nn import construction_runtime
 from orbitquant.quant.types import LayerRef
 
-QUANT_METHOD = "orbitquant"
-ROLE_MODES = ("auto", "linear")
+from .config import QUANT_METHOD, ROLE_MODES, OrbitQuantDiffusersConfig, _error, data_free_methods
+from .layers import ALIGNMENT, align_tensors_, diffusers_layers, release_freed_memory
+
+#: the public names of the backend, wherever they are defined (users import them all from here)
+__all__ = ["ALIGNMENT", "METADATA_KEY", "QUANT_METHOD", "ROLE_MODES", "OrbitQuantDiffusersConfig",
+           "OrbitQuantDiffusersQuantizer", "align_tensors_", "data_free_methods", "diffusers_layers", "register",
+           "release_freed_memory"]
+
 #: the safetensors header key holding the layer manifest of a saved model
 METADATA_KEY = "orbitquant"
-#: the config keys that are not fields of the method's QuantConfig
-_LOADER_KEYS = ("quant_method", "runtime", "modules_to_not_convert", "roles")
-
-
-class _QuantMethodName(str):
-    """The ``quant_method`` string. diffusers' own configs hold a member of its closed ``QuantizationMethod`` enum,
-    and ``from_pretrained`` reads ``quant_method.value``; a str with a ``value`` satisfies that without patching
-    the enum, and serializes to JSON as a plain string."""
-
-    @property
-    def value(self) -> str:
-        return str.__str__(self)
-
-
-def _error(msg: str) -> ValueError:
-    """A one-line ValueError (diffusers surfaces the message as is; newlines would split it in logs)."""
-    return ValueError(" ".join(str(msg).split()))
-
-
-class OrbitQuantDiffusersConfig(QuantizationConfigMixin):
-    """diffusers ``quantization_config`` for OrbitQuant and the other data-free methods of this package.
-
-    Args:
-        method: ``orbit`` (default), ``rtn``, ``hadamard_rtn`` or ``fp``.
-        w_bits, a_bits: 1..8, or 16 to leave that operand unquantized (default: the method's).
-        seed: rotation seed (``orbit``, ``hadamard_rtn``; default: the method's, 0).
-        runtime: ``fast`` keeps each layer's dequantized weight resident, ``compact`` only the packed state
-            (decoded per forward; bit-identical outputs).
-        modules_to_not_convert: module names (or dotted parts of names, e.g. ``"proj_out"``,
-            ``"transformer_blocks.0"``) whose linears stay in source precision.
-        roles: ``auto`` uses the model family's role table when the class is one of ours (the paper's policy:
-            ``skip_roles`` untouched, ``adaln`` INT4 g64 weight-only); ``linear`` treats every ``nn.Linear`` alike
-            (what ``quantize_(model, config)`` without layers does).
-        **options: any other field of the method's config dataclass (``rotation``, ``codebook``, ``adaln``,
-            ``skip_roles``, ``w_granularity``, ...).
-
-    Everything is validated here, with one-line errors naming the fix; the stored attributes are the method's
-    complete resolved config as plain JSON, so ``config.json`` says exactly what was applied.
-    """
-
-    def __init__(self, method: str = "orbit", w_bits: int | None = None, a_bits: int | None = None,
-                 seed: int | None = None, runtime: str = "fast", modules_to_not_convert: list[str] | None = None,
-                 roles: str = "auto", **options: Any) -> None:
-        # from_dict passes the saved quant_method back in: accept ours only
-        qm = options.pop("quant_method", QUANT_METHOD)
-        if str(qm) != QUANT_METHOD:
-            raise _error(f"OrbitQuantDiffusersConfig is for quant_method {QUANT_METHOD!r}, got {qm!r}")
-        self.quant_method = _QuantMethodName(QUANT_METHOD)
-        qcfg = _build_quant_config(method, w_bits, a_bits, seed, options)
-        for key, value in config_dict(qcfg).items():  # the full resolved config (method first), JSON types
-            setattr(self, key, value)
-        if runtime not in RUNTIMES:
-            raise _error(f"OrbitQuantDiffusersConfig: runtime must be one of {RUNTIMES}, got {runtime!r}")
-        self.runtime = runtime
-        names = [] if modules_to_not_convert is None else modules_to_not_convert
-        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-            raise _error("OrbitQuantDiffusersConfig: modules_to_not_convert must be a list of module names, "
-                         f"got {modules_to_not_convert!r}")
-        self.modules_to_not_convert = list(names)
-        if roles not in ROLE_MODES:
-            raise _error(f"OrbitQuantDiffusersConfig: roles must be one of {ROLE_MODES}, got {roles!r}")
-        self.roles = roles
-
-    def quant_config(self) -> QuantConfig:
-        """The typed, validated method config (``OrbitConfig``, ``RTNConfig``, ...) these settings describe."""
-        fields = {k: v for k, v in self.__dict__.items() if k not in _LOADER_KEYS}
-        return _build_quant_config(fields.pop("method"), fields.pop("w_bits"), fields.pop("a_bits"),
-                                   fields.pop("seed", None), fields)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON settings (what ``save_pretrained`` writes into ``config.json``)."""
-        out = copy.deepcopy(self.__dict__)
-        out["quant_method"] = QUANT_METHOD
-        return out
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        """The settings that differ from this method's defaults (``repr`` prints these)."""
-        default = OrbitQuantDiffusersConfig(method=self.method).to_dict()
-        return {k: v for k, v in self.to_dict().items() if k in ("quant_method", "method") or default.get(k) != v}
-
-
-def _build_quant_config(method: str, w_bits, a_bits, seed, options: dict) -> QuantConfig:
-    """``OrbitQuantDiffusersConfig`` fields -> the method's QuantConfig, every error as one line naming the fix."""
-    from orbitquant.harness.factory import build_quant_config
-    from orbitquant.quant.registry import METHODS
-
-    try:
-        cls = METHODS.get(method).config_cls
-    except KeyError as e:
-        raise _error(f"OrbitQuantDiffusersConfig: {e.args[0]}") from None
-    fields = dict(options)
-    for key, value in (("w_bits", w_bits), ("a_bits", a_bits), ("seed", seed)):
-        if value is not None:
-            fields[key] = value
-    if "seed" in fields and "seed" not in cls.__dataclass_fields__:
-        raise _error(f"OrbitQuantDiffusersConfig: method {method!r} has no seed (it draws no rotation); drop seed=")
-    try:
-        qcfg = build_quant_config({"method": method, **fields})
-    except (ValueError, TypeError, KeyError) as e:
-        raise _error(f"OrbitQuantDiffusersConfig: {e.args[0] if e.args else e}") from None
-    quantizer = quantizer_for(qcfg)
-    if quantizer.needs_calibration:
-        raise _error(f"OrbitQuantDiffusersConfig: method {method!r} needs calibration data, which from_pretrained "
-                     f"cannot provide; load the fp model and call orbitquant.quantize_(model, config, layers, "
-                     f"calibrate=...) (run.py quant={method}), or use a data-free method: "
-                     f"{', '.join(data_free_methods())}")
-    return qcfg
-
-
-def data_free_methods() -> list[str]:
-    """The registered methods whose default configuration needs no calibration data (the method class decides)."""
-    from orbitquant.quant.registry import METHODS
-
-    return [n for n, cls in METHODS.items() if not cls(cls.config_cls()).needs_calibration]
-
-
-# ---------------------------------------------------------------------------------------------- layer selection
-def _role_table(model: nn.Module):
-    """The role table of the adapter whose diffusers class ``model`` is (or derives from); None for other models."""
-    from orbitquant.harness.adapters.diffusers_base import roles_for_class
-
-    return roles_for_class(type(model))
-
-
-def _excluded(fqn: str, names: list[str]) -> bool:
-    """Whether ``fqn`` is one of ``names`` or contains one as whole dotted parts ("proj_out", "blocks.0")."""
-    padded = f".{fqn}."
-    return any(f".{n}." in padded for n in names)
-
-
-def diffusers_layers(model: nn.Module, config: OrbitQuantDiffusersConfig) -> list[LayerRef]:
-    """The linears (with roles) that loading ``model``'s class with ``config`` considers, in model order.
-
-    ``quantize_(fp_model, config.quant_config(), diffusers_layers(fp_model, config), runtime=config.runtime)``
-    on the fully loaded fp model gives exactly the layers that quantize-at-load builds.
-    """
-    table = _role_table(model) if config.roles == "auto" else None
-    if table is not None:
-        try:
-            refs = table.refs(model)
-        except KeyError as e:
-            raise _error(f"{e.args[0]}; or pass roles='linear' to treat every nn.Linear alike") from None
-    else:
-        refs = [LayerRef(n, "linear", -1, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return [r for r in refs if not _excluded(r.fqn, config.modules_to_not_convert)]
-
-
-ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every allocation to this
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc; a no-op elsewhere).
-
-    Each layer's conversion frees a few transient buffers of about its fp32 size; glibc raises its mmap threshold
-    after the first large free and serves later ones from the heap, where the holes between long-lived packed
-    layers are never given back. The loader trims after each layer so the resident set stays at what is alive
-    plus one layer's transients (279 MiB FLUX-like model of docs/diffusers.md, compact runtime: peak anonymous
-    memory ~480 -> ~140 MiB for ~15 ms a layer)."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
-
-
-@torch.no_grad()
-def align_tensors_(model: nn.Module) -> int:
-    """Copy every CPU parameter and buffer of ``model`` whose data does not start on a 64-byte boundary into a
-    fresh (aligned) tensor; returns the bytes copied.
-
-    diffusers loads safetensors through mmap, so tensors it does not convert sit at whatever offset they have in
-    the file, and CPU matmul kernels round differently for different alignments (last-ulp differences, measured
-    on this machine). The loader calls this after loading, fresh or pre-quantized, so a saved-and-reloaded model
-    computes bit-identically to the one that was saved; call it on a plain fp load to compare it bit for bit.
-    """
-    copied, done = 0, {}
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                if t is None or t.device.type != "cpu" or t.data_ptr() % ALIGNMENT == 0:
-                    continue
-                if id(t) not in done:  # a tensor shared by two modules stays shared
-                    new = t.detach().clone()
-                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(
-                        t, nn.Parameter) else new
-                    copied += t.numel() * t.element_size()
-                table[name] = done[id(t)]
-    return copied
 
 
 # --------------------------------------------------------------------------------------------------- quantizer
@@ -440,7 +251,8 @@ class OrbitQuantDiffusersQuantizer(DiffusersQuantizer):
             missing = [f"{fqn}.{n}" for fqn in unfinished for n in sorted(self._expected[fqn] - set(
                 self._pending.get(fqn, {})))]
             what = "packed tensors" if self.pre_quantized else "weights"
-            fix = ("the quantized checkpoint is incomplete: save it again with save_pretrained(dir)" if self.pre_quantized
+            fix = ("the quantized checkpoint is incomplete: save it again with save_pretrained(dir)"
+                   if self.pre_quantized
                    else "load the fp checkpoint of this model class, or list those modules in modules_to_not_convert")
             raise _error(f"orbitquant: the checkpoint lacks the {what} of {len(unfinished)} layer(s) to quantize, "
                          f"e.g. {missing[:3]}; {fix}")
