@@ -14,7 +14,6 @@ import importlib.abc
 import importlib.util
 import sys
 
-from orbitquant.harness.types import MetricResult, Samples
 from orbitquant.quant.api import LayerRecord, QuantReport, quantize_
 from orbitquant.quant.codebook import distortion, get_codebook, lloyd_max
 from orbitquant.quant.config import FPConfig, OrbitConfig, QuantConfig, RTNConfig
@@ -54,7 +53,14 @@ if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.insert(0, _MovedModules())
 
 
+#: harness types still reachable as ``oq.Samples`` / ``oq.MetricResult``, imported on first use so that
+#: ``import orbitquant`` (the library) never imports the harness
+_HARNESS_TYPES = ("MetricResult", "Samples")
+
+
 def __getattr__(name: str):
     if f"orbitquant.{name}" in _MOVED:  # orbitquant.checkpoint as an attribute, as before the split
         return importlib.import_module(f"orbitquant.{name}")
+    if name in _HARNESS_TYPES:
+        return getattr(importlib.import_module("orbitquant.harness.types"), name)
     raise AttributeError(f"module 'orbitquant' has no attribute {name!r}")

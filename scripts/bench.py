@@ -147,7 +147,7 @@ def layer_suite(d: int, tokens_list: list[int], bit_pairs: list[tuple[int, int]]
                              "stored_bits_per_weight": None if k.startswith(("fp32", "bf16")) else
                              round(8 * layer.store.nbytes / (d * d), 4),
                              # compact on CPU: the per-thread buffer all compact layers decode into (scratch)
-                             "workspace_MB": round(oq.quant.nn.decode_workspace_bytes(
+                             "workspace_MB": round(oq.quant.weights.decode_workspace_bytes(
                                  torch.bfloat16 if "bf16" in k else torch.float32) / 1e6, 2) if "compact" in k
                              else None})
     return rows
@@ -173,7 +173,7 @@ def quantize_suite(d: int, reps: int) -> list[dict]:
         cb = oq.quant.codebook.get_codebook(d, bits)
         for native in (True, False):
             _kernels(native)
-            t = interleaved({"q": lambda: oq.quant.nn.OrbitWeight(None, cb, weight=w, rotation=rot)}, reps)["q"]
+            t = interleaved({"q": lambda: oq.quant.weights.OrbitWeight(None, cb, weight=w, rotation=rot)}, reps)["q"]
             rows.append({"suite": "quantize", "d": d, "bits": bits,
                          "impl": "native kernel" if native else "torch path",
                          "ms": round(t * 1e3, 2), "GB_per_s": round(w.numel() * 4 / t / 1e9, 3)})
@@ -317,6 +317,7 @@ def main() -> None:
     ap.add_argument("suites", nargs="*", default=["layer", "quantize", "model"],
                     help="layer, quantize and/or model (default all)")
     ap.add_argument("--model-layers", type=int, default=16, help="d x d linears in the model suite")
+    # subset: the data-free method against the two cheapest calibrated baselines (the quantize-cost suite)
     ap.add_argument("--calib-methods", nargs="+", default=["orbit", "smoothquant", "qdit"])
     ap.add_argument("--d", type=int, default=3072)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 4096])

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METRICS = ("fid", "sfid", "isc", "precision", "recall")
+METRICS = ("fid", "sfid", "isc", "precision", "recall")  # subset: the Inception metrics the ADM evaluator computes
 
 
 @dataclass
@@ -271,6 +271,7 @@ def adm_rows(mine: dict, evaluator: str, python: str, ref_batch: str, sample_bat
                 for m, v in mine.items()]
     found = {m.group(1).lower(): float(m.group(2)) for m in re.finditer(r"^(Inception Score|FID|sFID|Precision|"
                                                                          r"Recall): ([-\d.eE+]+)", p.stdout, re.M)}
+    # subset: our Inception metrics -> the ADM evaluator's printed names
     names = {"isc": "inception score", "fid": "fid", "sfid": "sfid", "precision": "precision", "recall": "recall"}
     return [Row(m, v, "ADM evaluator (TF)", found.get(names[m]), 1e-3) for m, v in mine.items()]
 
@@ -286,6 +287,7 @@ def torch_fidelity_rows(mine: dict, fake_dir: Path, ref: str, weights: str | Non
     kw = {"feature_extractor_weights_path": weights} if weights else {}
     out = calculate_metrics(input1=str(fake_dir), input2=ref, fid=True, isc=True, prc=True, verbose=False,
                             isc_splits=max(1, n // split_size), cuda=torch.cuda.is_available(), **kw)
+    # subset: our metrics torch-fidelity also computes -> its result keys
     theirs = {"fid": out.get("frechet_inception_distance"), "isc": out.get("inception_score_mean"),
               "precision": out.get("precision"), "recall": out.get("recall")}
     # IS: torch-fidelity splits its own seeded permutation and ours another, so split noise (~1% at 2 splits of

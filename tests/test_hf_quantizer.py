@@ -123,7 +123,6 @@ def test_register_is_idempotent_and_the_config_round_trips_as_json():
     (dict(w_bits="4"), r"w_bits must be an integer"),
     (dict(method="smoothquant"), r"needs calibration data.*quantize_\(model, config, layers, calibrate=.*data-free"),
     (dict(method="qdit"), r"'qdit' needs calibration data"),
-    (dict(method="qdit", weights="rtn"), r"'qdit' is not supported at load time"),
     (dict(method="orbt"), r"unknown method 'orbt'. Did you mean 'orbit'"),
     (dict(method="rtn", seed=1), r"method 'rtn' has no seed"),
     (dict(rotation="nope"), r"unknown rotation 'nope'"),
@@ -333,3 +332,30 @@ def test_pipeline_quantization_config_quantizes_the_transformer_and_reloads(tmp_
     a = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     b = again("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------- every family
+def _families():
+    from orbitquant.harness.adapters.diffusers_base import diffusers_adapters
+
+    return diffusers_adapters()
+
+
+@pytest.mark.parametrize("family", sorted(_families()))
+def test_every_family_quantizes_at_load_with_its_adapters_role_table(family, tmp_path):
+    """Enumerated from the registry: the backend finds each family's role table through its adapter
+    (``transformer_cls``), so a new family loads quantized with the paper's policy the moment it is registered."""
+    from orbitquant.harness.adapters.diffusers_base import roles_for_class
+
+    cls = _families()[family]
+    adapter = cls(tiny=True)
+    den = adapter.denoiser(adapter.build_tiny())
+    den.save_pretrained(tmp_path)
+    tcls = type(den)
+    assert roles_for_class(tcls) is cls.roles
+    loaded = tcls.from_pretrained(tmp_path, quantization_config=OrbitQuantDiffusersConfig(w_bits=4, a_bits=8))
+    refs = cls.roles.refs(tcls.from_pretrained(tmp_path))
+    summary = loaded.orbitquant_report.summary()
+    assert summary["n_linear"] == len(refs) and "orbit w4a8" in summary["treatments"]
+    skipped = {r.fqn for r in refs if r.role in ("embed", "final")}
+    assert skipped and all(not isinstance(m, oq.QuantLinear) for n, m in loaded.named_modules() if n in skipped)

@@ -44,6 +44,7 @@ def _digits():
 
 
 def configs(w_bits: int, a_bits: int, seed: int) -> dict[str, oq.QuantConfig]:
+    # subset: the headline claim compares OrbitQuant with its two calibration-free controls
     return {"orbit": oq.OrbitConfig(w_bits=w_bits, a_bits=a_bits, seed=seed),
             "hadamard_rtn": HadamardRTNConfig(w_bits=w_bits, a_bits=a_bits, seed=seed),
             "rtn": oq.RTNConfig(w_bits=w_bits, a_bits=a_bits)}

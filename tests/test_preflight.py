@@ -150,7 +150,7 @@ def test_a_mu_sigma_npz_passes_fid_but_not_sfid_or_precision(tmp_path):
     assert not _needs("precision", reference=str(both))[0].ok
     batch = tmp_path / "batch.npz"
     np.savez(batch, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    for name in ("fid", "sfid", "precision", "recall"):
+    for name in ("fid", "sfid", "precision", "recall"):  # subset: the metrics that read a reference batch
         assert _needs(name, reference=str(batch))[0].ok, name
 
 
@@ -229,7 +229,7 @@ def test_collect_lists_each_item_once_with_everything_that_needs_it(tmp_path):
 
     w = file_need("weights", tmp_path / "w.pth", "wget w")
     ref = dir_need("reference", tmp_path, "")
-    needs = preflight.collect(None, [M("fid", [w, ref]), M("sfid", [w]), M("isc", [w])])
+    needs = preflight.collect(None, [M("fid", [w, ref]), M("sfid", [w]), M("isc", [w])])  # subset: examples
     assert [(n.what, n.by) for n in needs] == [("weights", ("fid", "sfid", "isc")), ("reference", ("fid",))]
     text = preflight.render(needs)
     assert "1/2 present" in text and text.count("MISSING") == 1 and "[fid, sfid, isc]" in text

@@ -91,6 +91,10 @@ def test_end_to_end_run_writes_results_and_rerun_skips(tmp_path):
     p2 = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8"], tmp_path)
     assert (run_dir / "results.json").stat().st_mtime == mtime
     assert "skipping" in p2.stdout + p2.stderr
+    # the same run with another metric list: the stored samples are scored, not sampled again -> scripts/score.py
+    p3 = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8", "eval.metrics=[psnr_vs_fp]"], tmp_path, check=False)
+    assert p3.returncode != 0 and f"python scripts/score.py {run_dir}" in p3.stderr and "quant.tag" not in p3.stderr
+    assert (run_dir / "results.json").stat().st_mtime == mtime
 
 
 def test_fp_run_is_bit_exact_against_reference(tmp_path):

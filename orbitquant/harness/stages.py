@@ -155,6 +155,10 @@ def validate(cfg: DictConfig, hydra_cfg) -> Run | None:
     if diff == []:
         log.info("results exist, skipping (overwrite=true to redo): %s", run.dir.results_path)
         return None
+    if diff and all(d.startswith("eval.metrics") for d in diff):  # same samples, other metrics: score them
+        sys.exit(f"error: {run.dir.path} holds this run with other metrics ({'; '.join(diff[:2])}); its samples "
+                 f"are stored, so score them instead of sampling again: python scripts/score.py {run.dir.path} "
+                 f"--metrics <names> (or overwrite=true to redo the run)")
     if diff:  # same directory, different settings: never overwrite silently, never report stale numbers
         sys.exit(f"error: {run.dir.path} holds results of another config ({'; '.join(diff[:4])}); give this variant "
                  "its own directory with quant.tag=<name>, or pass overwrite=true")

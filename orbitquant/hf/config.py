@@ -8,6 +8,7 @@ JSON, so ``config.json`` says exactly what was applied. ``orbitquant.hf.quantize
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -96,13 +97,20 @@ class OrbitQuantDiffusersConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> dict[str, Any]:
         """The settings that differ from this method's defaults (``repr`` prints these)."""
-        default = OrbitQuantDiffusersConfig(method=self.method).to_dict()
+        # the method's dataclass defaults, not a constructed default config: a method whose default needs
+        # calibration (qdit's GPTQ) is valid here with other options (weights=rtn) but not with its defaults
+        from orbitquant.quant.registry import METHODS
+
+        cls = METHODS.get(self.method).config_cls
+        default = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        default = {k: list(v) if isinstance(v, tuple) else v for k, v in default.items()}  # JSON: tuples are lists
+        default.update(runtime="fast", modules_to_not_convert=[], roles="auto")
         return {k: v for k, v in self.to_dict().items() if k in ("quant_method", "method") or default.get(k) != v}
 
 
 def _build_quant_config(method: str, w_bits, a_bits, seed, options: dict) -> QuantConfig:
     """``OrbitQuantDiffusersConfig`` fields -> the method's QuantConfig, every error as one line naming the fix."""
-    from orbitquant.harness.factory import build_quant_config
+    from orbitquant.quant.config import build_quant_config
     from orbitquant.quant.registry import METHODS
 
     try:
