@@ -52,6 +52,11 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.insert(0, _MovedModules())
 
+# the diffusers backend registers on import, so a saved quantized model reloads with plain from_pretrained after
+# `import orbitquant` (as diffusers' built-in backends do); costs diffusers' import (~2 s), which every user of a
+# diffusion model pays anyway
+import orbitquant.hf.quantizer  # noqa: E402, F401
+
 
 #: harness types still reachable as ``oq.Samples`` / ``oq.MetricResult``, imported on first use so that
 #: ``import orbitquant`` (the library) never imports the harness

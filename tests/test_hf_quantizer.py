@@ -359,3 +359,67 @@ def test_every_family_quantizes_at_load_with_its_adapters_role_table(family, tmp
     assert summary["n_linear"] == len(refs) and "orbit w4a8" in summary["treatments"]
     skipped = {r.fqn for r in refs if r.role in ("embed", "final")}
     assert skipped and all(not isinstance(m, oq.QuantLinear) for n, m in loaded.named_modules() if n in skipped)
+
+
+# ------------------------------------------------------------------------------------------- registration
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                    in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=32,
+                                    norm_type="ada_norm_single", use_additional_conditions=False)
+
+
+@pytest.mark.parametrize("build", [_flux, _pixart], ids=["flux", "pixart"])
+def test_a_fresh_process_reloads_a_saved_model_after_import_orbitquant(build, tmp_path):
+    """As with diffusers' own backends: `import orbitquant` is all a reader of a saved checkpoint needs."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    fp = build()
+    fp.save_pretrained(tmp_path / "fp")
+    q = type(fp).from_pretrained(tmp_path / "fp", quantization_config=OrbitQuantDiffusersConfig(w_bits=4, a_bits=8))
+    q.save_pretrained(tmp_path / "q")
+    n = sum(isinstance(m, oq.QuantLinear) for m in q.modules())
+    code = (f"import orbitquant, diffusers; m = diffusers.{type(fp).__name__}.from_pretrained({str(tmp_path / 'q')!r}); "
+            "print(sum(isinstance(x, orbitquant.QuantLinear) for x in m.modules()))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout.split()[-1]) == n > 0
+
+
+def test_pipeline_level_quant_backend_form_quantizes_the_transformer(tmp_path):
+    """``PipelineQuantizationConfig(quant_backend="orbitquant", quant_kwargs=..., components_to_quantize=[...])``:
+    diffusers checks both libraries' mappings for the backend; the transformer is quantized, the text encoders not."""
+    from diffusers import FluxPipeline
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    from orbitquant.harness.adapters.flux import FluxAdapter
+
+    FluxAdapter(tiny=True).build_tiny().save_pretrained(tmp_path / "fp")
+    pq = PipelineQuantizationConfig(quant_backend="orbitquant", quant_kwargs={"w_bits": 4, "a_bits": 8},
+                                    components_to_quantize=["transformer"])
+    pipe = FluxPipeline.from_pretrained(tmp_path / "fp", quantization_config=pq)
+    assert pipe.transformer.orbitquant_report.summary()["treatments"].get("orbit w4a8", 0) > 0
+    assert not any(isinstance(m, oq.QuantLinear) for m in pipe.text_encoder.modules())
+
+
+@pytest.mark.parametrize("method", ["orbit", "rtn", "hadamard_rtn"])
+def test_dequantize_returns_plain_linears_holding_the_quantized_weights(method, ckpt):
+    """``model.dequantize()``: plain ``nn.Linear`` everywhere, and the model equals the weight-only (A16) quantized
+    model: the weights are exactly the quantized ones, the activations no longer quantized."""
+    cls = _cls("flux")
+    kw = {} if method == "rtn" else {"seed": 3}
+    model = cls.from_pretrained(ckpt["flux"], quantization_config=OrbitQuantDiffusersConfig(
+        method=method, w_bits=4, a_bits=8, **kw))
+    w_only = cls.from_pretrained(ckpt["flux"], quantization_config=OrbitQuantDiffusersConfig(
+        method=method, w_bits=4, a_bits=16, **kw))
+    fp = cls.from_pretrained(ckpt["flux"])
+    model.dequantize()
+    assert not any(isinstance(m, oq.QuantLinear) for m in model.modules()) and getattr(model, "hf_quantizer", None) is None
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == sum(isinstance(m, nn.Linear) for m in fp.modules())
+    a, b, ref = _out(model, "flux"), _out(w_only, "flux"), _out(fp, "flux")
+    # the adaLN layers' bf16 activation rounding (part of the paper's policy) is gone too: a tiny difference
+    assert (a - b).norm() < 0.02 * (b - ref).norm(), ((a - b).norm(), (b - ref).norm())
+    assert (a - ref).norm() > 1e-3 * ref.norm()  # still the quantized weights, not the fp ones

@@ -120,6 +120,16 @@ class OrbitQuantDiffusersQuantizer(DiffusersQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        """``model.dequantize()``: every quantized layer back to a plain ``nn.Linear`` holding the weights it computed
+        with (activations then unquantized), so the result differs from the fp model by the weight error alone."""
+        from orbitquant.quant.dequant import dequantize_
+
+        dequantize_(model)
+        if hasattr(model, "orbitquant_report"):
+            del model.orbitquant_report
+        return model
+
     # ------------------------------------------------------------------ before weights
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         """Read the layer manifest from a pre-quantized checkpoint's safetensors header (before the model is
@@ -295,12 +305,23 @@ class OrbitQuantDiffusersQuantizer(DiffusersQuantizer):
 def register() -> None:
     """Map ``quant_method="orbitquant"`` to our config and quantizer in diffusers' AUTO mappings (idempotent).
 
-    Called on import of this module; ``from_pretrained`` of a saved OrbitQuant checkpoint needs it (import
-    ``orbitquant.hf.quantizer`` first). Refuses to replace a foreign class already registered under the name."""
+    Called on ``import orbitquant``: ``from_pretrained`` of a saved OrbitQuant checkpoint needs it. Also maps the
+    config in transformers' config mapping (when transformers is installed), because diffusers'
+    ``PipelineQuantizationConfig(quant_backend=...)`` checks both libraries for the backend and compares their config
+    signatures; no transformers quantizer is registered, so asking it to quantize a transformers component (a text
+    encoder) fails in transformers with its own unknown-quantization error: OrbitQuant quantizes diffusers models.
+    Refuses to replace a foreign class already registered under the name."""
     from diffusers.quantizers import auto
 
-    for mapping, cls in ((auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OrbitQuantDiffusersConfig),
-                         (auto.AUTO_QUANTIZER_MAPPING, OrbitQuantDiffusersQuantizer)):
+    mappings = [(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OrbitQuantDiffusersConfig),
+                (auto.AUTO_QUANTIZER_MAPPING, OrbitQuantDiffusersQuantizer)]
+    try:
+        from transformers.quantizers import auto as tauto
+    except ImportError:  # transformers is optional for diffusers
+        tauto = None
+    if tauto is not None:
+        mappings.append((tauto.AUTO_QUANTIZATION_CONFIG_MAPPING, OrbitQuantDiffusersConfig))
+    for mapping, cls in mappings:
         have = mapping.get(QUANT_METHOD)
         # a reloaded copy of this module has new class objects with the same qualified name: replace those
         if have is not None and have is not cls and (have.__module__, have.__qualname__) != (cls.__module__,
