@@ -45,6 +45,26 @@ def test_names_group_seeds_together_and_auto_mode_needs_a_key(monkeypatch):
         resolve_mode("dryrun-ish")
 
 
+def test_auto_mode_follows_wandb_mode_and_a_stored_login(monkeypatch, tmp_path):
+    """W&B's own rules: WANDB_MODE first, then a key in the environment or stored by `wandb login` (netrc)."""
+    assert resolve_mode("auto") == "offline"
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir(parents=True, exist_ok=True)
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert resolve_mode("auto") == "online"  # `wandb login` stored it; no WANDB_API_KEY
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert resolve_mode("auto") == "offline"  # a key for another host does not count
+    monkeypatch.delenv("WANDB_BASE_URL")
+    for env, mode in (("offline", "offline"), ("dryrun", "offline"), ("disabled", "disabled"), ("online", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        assert resolve_mode("auto") == mode
+    assert resolve_mode("offline") == "offline"  # an explicit logger.mode wins
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE"):
+        resolve_mode("auto")
+
+
 def test_offline_mirror_logs_summary_samples_plot_and_artifact_under_logger_dir(tmp_path):
     import wandb
 

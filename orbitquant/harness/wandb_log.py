@@ -2,7 +2,8 @@
 store: everything it receives is already on disk, and a W&B failure never fails a run.
 
 Safe defaults from measurements (``SCALEOUT_STACK.md`` section 2): the mode is always passed explicitly
-(``auto`` = online only when ``WANDB_API_KEY`` is set, else offline: a missing key must not hang on a login
+(``auto`` follows W&B's own rules: ``WANDB_MODE`` if set, else online when a key is configured -- ``WANDB_API_KEY``
+or the login ``wandb login`` stored in the netrc file -- else offline: a missing key must not hang on a login
 prompt); W&B's run, staging, cache and config dirs are kept under ``logger.dir`` (otherwise offline table
 images land in ``~/.local/share/wandb``); ``reinit="finish_previous"`` plus the context manager make sure
 ``finish`` runs and a crashed job's run is never reused by the next job of a sweep.
@@ -24,13 +25,38 @@ def _once(key: str, msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
+#: W&B's WANDB_MODE values -> the mode passed to ``wandb.init`` (``dryrun`` and ``run`` are its legacy spellings)
+_WANDB_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def _stored_login() -> bool:
+    """Whether ``wandb login`` stored a key for the configured host: W&B keeps it in the netrc file (``$NETRC`` or
+    ``~/.netrc``) under the API host (``$WANDB_BASE_URL``, default api.wandb.ai). Read with the stdlib parser rather
+    than wandb's private auth module, which moves between releases."""
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def resolve_mode(mode: str) -> str:
-    """``auto`` -> ``online`` if an API key is configured in the environment, else ``offline``."""
+    """``auto`` -> ``WANDB_MODE`` when set, else ``online`` when a key is configured (``WANDB_API_KEY`` or a stored
+    ``wandb login``), else ``offline``. An explicit ``logger.mode`` wins over all of them."""
     if mode not in ("auto", "online", "offline", "disabled"):
         raise ValueError(f"logger.mode must be auto|online|offline|disabled, got {mode!r}")
-    if mode == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return mode
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env not in _WANDB_MODES:
+            raise ValueError(f"WANDB_MODE={env!r} is not a W&B mode ({', '.join(_WANDB_MODES)})")
+        return _WANDB_MODES[env]
+    return "online" if os.environ.get("WANDB_API_KEY") or _stored_login() else "offline"
 
 
 def run_names(config: dict) -> tuple[str, str]:
@@ -59,7 +85,8 @@ def mirror(results: dict, run_dir: Path, logger_cfg: dict) -> str | None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_INIT_TIMEOUT", str(logger_cfg.get("init_timeout", 30)))
     if mode == "offline":
-        _once("offline", "W&B logging offline to %s (no WANDB_API_KEY; `wandb sync` uploads it later)", base)
+        _once("offline", "W&B logging offline to %s (WANDB_MODE=offline, or no key: neither WANDB_API_KEY nor a "
+              "stored `wandb login`; `wandb sync` uploads it later)", base)
     config = results["config"]
     group, name = run_names(config)
     try:
