@@ -299,3 +299,17 @@ def test_a_tiny_model_alone_runs_with_its_own_protocol(tmp_path):
     res = json.loads(next((tmp_path / "runs").glob("tiny_flux/orbit/w4a8/t2i_smoke/q0-s0/results.json")).read_text())
     assert res["config"]["device"] == "cpu" and res["sampling"]["store"] == "float32"
     assert {"load", "reference", "quantize", "sample", "metrics"} <= set(res["timing"]) <= set(res["memory"]) | {"x"}
+
+
+def test_each_multirun_keeps_its_own_sweep_record(tmp_path):
+    """Hydra's multirun.yaml lands in the shared results root (overwritten by the next -m); every sweep also keeps
+    its own under <results_dir>/../sweeps/."""
+    import yaml
+
+    for quant in ("fp", "rtn"):
+        _run(["-m", "eval=smoke", f"quant={quant}", "w_bits=4", "a_bits=8"], tmp_path)
+    records = sorted((tmp_path / "sweeps").glob("*/multirun.yaml"))
+    assert len(records) == 2
+    tasks = [yaml.safe_load(r.read_text())["hydra"]["overrides"]["task"] for r in records]
+    assert sorted("quant=fp" in t for t in tasks) == [False, True] and all("quant=rtn" in t or "quant=fp" in t
+                                                                          for t in tasks)
