@@ -8,12 +8,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from orbitquant.harness.adapters.plan_facts import PlanFacts
 from orbitquant.harness.types import Samples
 from orbitquant.quant.types import LayerRef
 
 
-class ModelAdapter(ABC):
-    """Loads a family's pipeline, lists its linears with roles, and samples from it."""
+class ModelAdapter(PlanFacts, ABC):
+    """Loads a family's pipeline, lists its linears with roles, and samples from it; the cost planner's facts of
+    the family (CFG, tokens, FLOPs, pipeline size) are :class:`PlanFacts` attributes it overrides."""
 
     name: str
     modality: ClassVar[str] = "image"

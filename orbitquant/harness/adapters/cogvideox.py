@@ -9,6 +9,13 @@ import torch
 
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import COGVIDEOX_ROLES
+from orbitquant.harness.adapters.plan_facts import (
+    T5_XXL_ENCODER,
+    CfgRule,
+    Geometry,
+    self_attention_flops,
+    video_geometry,
+)
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config
 from orbitquant.harness.adapters.tiny_parts import t5_encoder, t5_tokenizer
 from orbitquant.quant.registry import register_model
@@ -30,6 +37,24 @@ class CogVideoXAdapter(DiffusersAdapter):
     # patchifies to 44 and the scheduler step then rejects (found by the init=random dry run)
     probe_kwargs = {"height": 240, "width": 352, "num_frames": 9}
     tiny_probe_kwargs = {"height": 16, "width": 16, "num_frames": 9}
+    cfg_rule = CfgRule("guidance > 1", "batch", "diffusers pipeline_cogvideox.py: torch.cat([latents] * 2) if "
+                       "guidance_scale > 1 (adapter cfg_layout='uncond_first')")
+    pipeline_extras = (T5_XXL_ENCODER, ("CogVideoX VAE", 2.16e8))  # the VAE from its checkpoint size
+
+    @classmethod
+    def plan_geometry(cls, cfg: dict, protocol: dict, text_tokens: int) -> Geometry:
+        """The CogVideoX VAE (x4 temporal, x8 spatial), then ``patch_size_t`` (1 when absent: CogVideoX 1.0) x
+        ``patch_size`` x ``patch_size``."""
+        p = cfg["patch_size"]
+        return video_geometry(protocol, (cfg.get("patch_size_t") or 1, p, p), text_tokens)
+
+    @classmethod
+    def plan_linear_rows(cls, stack: str, role: str, media: int, text: int) -> int:
+        return media + text  # text and video concatenated through attention and FFN
+
+    @classmethod
+    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
+        return self_attention_flops(cfg, stacks["transformer_blocks"], media + text)
 
     def build_tiny(self, seed: int = 0):
         """A random-init CogVideoXPipeline (2 blocks, hidden 32, tiny T5 and 3-D VAE); CPU, no hub."""

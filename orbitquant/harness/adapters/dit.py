@@ -11,6 +11,7 @@ import torch
 
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.dit_roles import DIT_ROLES
+from orbitquant.harness.adapters.plan_facts import KL_VAE_PARAMS, CfgRule, Geometry, self_attention_flops
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
 from orbitquant.harness.adapters.tiny_parts import tiny_kl_vae
 from orbitquant.harness.samplestore import MemorySink
@@ -27,10 +28,28 @@ class DiTAdapter(DiffusersAdapter):
     default_name = "dit_xl_2"
     pipeline_cls = "DiTPipeline"
     default_repo = "facebook/DiT-XL-2-256"
+    cfg_rule = CfgRule("guidance > 1", "batch", "diffusers pipeline_dit.py: torch.cat([latents] * 2) if "
+                       "guidance_scale > 1 (one call, doubled batch)")
+    pipeline_extras = (("VAE (sd-vae-ft-ema)", KL_VAE_PARAMS),)
+
+    @classmethod
+    def plan_geometry(cls, cfg: dict, protocol: dict, text_tokens: int) -> Geometry:
+        """The checkpoint's latent grid (class-conditional: the label enters through adaLN, not as tokens)."""
+        lat, p = cfg["sample_size"], cfg["patch_size"]
+        return Geometry((lat // p) ** 2, 0, (3, lat * 8, lat * 8),
+                        f"{lat * 8}^2 px -> {lat}^2 latent (VAE x8) -> patch {p}: {lat // p}^2")
+
+    def plan_text_tokens(self) -> tuple[int, str]:
+        return 0, "class-conditional: no text tokens"
+
+    @classmethod
+    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
+        return self_attention_flops(cfg, stacks["transformer_blocks"], media)
 
     def __init__(self, scheduler: str | None = "ddim", **kw) -> None:
         if scheduler is not None and scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)} (or null to keep the shipped one)")
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)} "
+                             "(or null to keep the shipped one)")
         super().__init__(**kw)
         self.scheduler = scheduler
 

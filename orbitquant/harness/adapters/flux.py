@@ -6,6 +6,14 @@ import torch
 
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import FLUX_ROLES
+from orbitquant.harness.adapters.plan_facts import (
+    KL_VAE_PARAMS,
+    T5_XXL_ENCODER,
+    CfgRule,
+    Geometry,
+    image_geometry,
+    self_attention_flops,
+)
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
 from orbitquant.harness.adapters.tiny_parts import (
     clip_text_model,
@@ -19,7 +27,8 @@ from orbitquant.quant.registry import register_model
 
 @register_model("flux")
 class FluxAdapter(DiffusersAdapter):
-    cfg_layout = "calls"  # true CFG (negative prompt, true_cfg_scale > 1) runs a separate forward after the conditional one
+    # true CFG (negative prompt, true_cfg_scale > 1) runs a separate forward after the conditional one
+    cfg_layout = "calls"
     roles = FLUX_ROLES
     transformer_cls = "FluxTransformer2DModel"
     tiny_generate_kwargs = {"guidance": 0.0, "height": 32, "width": 32}
@@ -28,6 +37,27 @@ class FluxAdapter(DiffusersAdapter):
     default_repo = "black-forest-labs/FLUX.1-schnell"
     call_kwargs = {"max_sequence_length": 256}
     tiny_call_kwargs = {"max_sequence_length": 16}
+    cfg_rule = CfgRule("never", "never", "FLUX.1-dev is guidance-distilled (guidance_embeds: guidance enters as an "
+                       "embedding), schnell has no guidance input; pipeline_flux.py runs a second call only for true "
+                       "CFG (true_cfg_scale > 1 and a negative prompt), which the adapter never passes")
+    # CLIP ViT-L/14 text tower: 1.23e8
+    pipeline_extras = (T5_XXL_ENCODER, ("CLIP-L text encoder", 1.23e8), ("VAE", KL_VAE_PARAMS))
+
+    @classmethod
+    def plan_geometry(cls, cfg: dict, protocol: dict, text_tokens: int) -> Geometry:
+        """VAE x8, then 2x2 latent packing (in_channels 64 = 16 x 2 x 2; the config's patch_size is 1)."""
+        return image_geometry(protocol, 2, "2x2 packing", text_tokens)
+
+    @classmethod
+    def plan_linear_rows(cls, stack: str, role: str, media: int, text: int) -> int:
+        # dual blocks: an image stream and a text stream (ctx.*); single blocks: the concatenation
+        if stack == "single_transformer_blocks":
+            return media + text
+        return text if role.startswith("ctx.") else media
+
+    @classmethod
+    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
+        return self_attention_flops(cfg, sum(stacks.values()), media + text)  # joint attention in every block
 
     def __init__(self, max_sequence_length: int | None = None, **kw) -> None:
         super().__init__(**kw)
@@ -45,8 +75,9 @@ class FluxAdapter(DiffusersAdapter):
             axes_dims_rope=(4, 6, 6))
         vae = tiny_kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
         ct, tt = clip_tokenizer(), t5_tokenizer()
-        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip_text_model(ct, seed=seed),
-                            tokenizer=ct, text_encoder_2=t5_encoder(tt, seed=seed), tokenizer_2=tt,
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                            text_encoder=clip_text_model(ct, seed=seed), tokenizer=ct,
+                            text_encoder_2=t5_encoder(tt, seed=seed), tokenizer_2=tt,
                             transformer=transformer.eval())
 
     def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,

@@ -10,6 +10,7 @@ import torch
 
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.family_roles import WAN_ROLES
+from orbitquant.harness.adapters.plan_facts import CfgRule, Geometry, attention_inner, video_geometry
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config
 from orbitquant.harness.adapters.tiny_parts import t5_encoder, t5_tokenizer
 from orbitquant.quant.registry import register_model
@@ -29,6 +30,27 @@ class WanAdapter(DiffusersAdapter):
     tiny_call_kwargs = {"max_sequence_length": 16}
     probe_kwargs = {"height": 240, "width": 416, "num_frames": 5}
     tiny_probe_kwargs = {"height": 16, "width": 16, "num_frames": 5}
+    cfg_rule = CfgRule("guidance > 1", "calls", "diffusers pipeline_wan.py: do_classifier_free_guidance = "
+                       "guidance_scale > 1, a second transformer call with the negative prompt (adapter "
+                       "cfg_layout='calls')")
+    # UMT5-XXL encoder: T5-XXL's layers with a 256384-token vocabulary = 24 x (4*4096^2 + 3*4096*10240) +
+    # 256384*4096 = 5.68e9; the Wan VAE from its checkpoint size
+    pipeline_extras = (("UMT5-XXL encoder", 5.68e9), ("Wan VAE", 1.27e8))
+
+    @classmethod
+    def plan_geometry(cls, cfg: dict, protocol: dict, text_tokens: int) -> Geometry:
+        """The Wan VAE (x4 temporal, x8 spatial), then the config's (t, h, w) patch."""
+        return video_geometry(protocol, tuple(cfg["patch_size"]), text_tokens)
+
+    @classmethod
+    def plan_linear_rows(cls, stack: str, role: str, media: int, text: int) -> int:
+        # cross-attention: queries and output on the video tokens, keys and values on the text
+        return text if role in ("ctx.k", "ctx.v") else media
+
+    @classmethod
+    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
+        # self-attention over the video + cross-attention from the video to the text, in every block
+        return 4.0 * stacks["blocks"] * (media * media + media * text) * attention_inner(cfg)
 
     def build_tiny(self, seed: int = 0):
         """A random-init WanPipeline (2 blocks, hidden 24, tiny UMT5 and Wan VAE); CPU, no hub."""
@@ -41,8 +63,9 @@ class WanAdapter(DiffusersAdapter):
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
         tok = t5_tokenizer()
-        return WanPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, seed=seed, umt5=True), transformer=transformer.eval(),
-                           vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+        return WanPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, seed=seed, umt5=True),
+                           transformer=transformer.eval(), vae=vae,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
     def build_random(self, seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None,
                      device: str = "cpu"):

@@ -20,14 +20,17 @@ What a sweep does (``run.py``, ``orbitquant/harness/stages.py``):
   discarded (``DiscardSink``), only activations are kept.
 
 Denoiser forwards are counted in *rows*: one sample through the denoiser once. Classifier-free guidance costs a
-second row per step, either by doubling the batch inside one call or by a second call (see ``CFG_RULES``, read from
-each adapter and the diffusers 0.42 pipeline it drives). ``results.json``'s ``denoiser_forwards`` counts calls.
+second row per step, either by doubling the batch inside one call or by a second call (each adapter's ``cfg_rule``,
+read from the adapter and the diffusers 0.42 pipeline it drives; ``cfg_rules()`` / ``CFG_RULES`` gather them).
+``results.json``'s ``denoiser_forwards`` counts calls.
 
 Measured timings replace the projection through forward-timing records under ``results/bench/`` (the schema is in
 ``timing.py``). The parts, one module each:
 
 * ``sweep``: the sweep's jobs (Hydra's basic sweeper) and each job's composed config (``_Composer``);
-* ``denoiser``: CFG rows per step, tokens and FLOPs of one denoiser forward, from the shipped configs;
+* ``denoiser``: CFG rows per step, tokens and FLOPs of one denoiser forward, from the shipped configs and the facts
+  each family's adapter declares (``orbitquant.harness.adapters.plan_facts``: CFG rule, token geometry, rows per
+  linear, attention, nominal pipeline size);
 * ``timing``: seconds per forward, measured (timing records) or projected (FLOPs at a measured GEMM ceiling);
 * ``protocol``: one eval / calibration protocol on one model, priced (``ProtocolCost``);
 * ``memory``: the host-memory outline of one run;
@@ -37,8 +40,10 @@ Measured timings replace the projection through forward-timing records under ``r
   ``base``: paths, defaults and ``PlanError``.
 """
 
+from typing import Any
+
 from orbitquant.harness.plan.base import BENCH, CONF, DEFAULT_CEILING, DEFAULT_MFU, PlanError
-from orbitquant.harness.plan.denoiser import CFG_RULES, forward_flops, forwards_per_step, geometry
+from orbitquant.harness.plan.denoiser import CfgRule, cfg_rule, cfg_rules, forward_flops, forwards_per_step, geometry
 from orbitquant.harness.plan.fmt import fmt_sig
 from orbitquant.harness.plan.planner import Plan, make_plan
 from orbitquant.harness.plan.report import render, to_json
@@ -47,7 +52,16 @@ from orbitquant.harness.plan.sweep import expand_sweep, plain_config
 from orbitquant.harness.plan.timing import TIMING_SCHEMA, load_ceiling, load_timings, timing_from_results
 
 __all__ = [
-    "BENCH", "CFG_RULES", "CONF", "DEFAULT_CEILING", "DEFAULT_MFU", "TIMING_SCHEMA", "Plan", "PlanError",
-    "expand_sweep", "fmt_sig", "forward_flops", "forwards_per_step", "geometry", "load_ceiling", "load_timings",
-    "make_plan", "plain_config", "render", "scale_doc", "timing_from_results", "to_json",
+    "BENCH", "CFG_RULES", "CONF", "DEFAULT_CEILING", "DEFAULT_MFU", "TIMING_SCHEMA", "CfgRule", "Plan", "PlanError",
+    "cfg_rule", "cfg_rules", "expand_sweep", "fmt_sig", "forward_flops", "forwards_per_step", "geometry",
+    "load_ceiling", "load_timings", "make_plan", "plain_config", "render", "scale_doc", "timing_from_results",
+    "to_json",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``CFG_RULES``: model adapter name -> CFG rule, derived from the registered adapters on each access (the rules
+    live on the adapter classes, ``cfg_rule``; derived on access so that it never drifts from the registry)."""
+    if name == "CFG_RULES":
+        return cfg_rules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

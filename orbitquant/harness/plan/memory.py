@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orbitquant.harness.plan.denoiser import denoiser_params
+from orbitquant.harness.plan.denoiser import adapter_class, denoiser_params
 from orbitquant.harness.plan.protocol import ProtocolCost
 
 #: Reference-set sizes for Inception metrics when the reference is not on this machine (the metric's ``limit`` wins).
@@ -20,18 +20,6 @@ NOMINAL_REAL_SET: dict[str, tuple[int, int, str]] = {  # eval name -> (images, s
 #: spatial 2023 float32 (orbitquant/harness/metrics/features.py InceptionV3.outputs).
 INCEPTION_FEATURE_BYTES = (2048 + 1008 + 2023) * 4
 
-#: Parameters of the pipeline parts besides the denoiser (host memory while loading). Nominal: derived from the
-#: public architectures, not read from files (no checkpoints here). T5-XXL encoder = 24 x (4*4096^2 + 3*4096*10240)
-#: + 32128*4096 = 4.76e9; UMT5-XXL the same with a 256384-token vocabulary = 5.68e9; Qwen3-4B = 36 x (2*2560*4096 +
-#: 2*2560*1024 + 3*2560*9728) + 151936*2560 = 4.02e9; CLIP ViT-L/14 text 1.23e8; VAEs from their checkpoint sizes.
-PIPELINE_EXTRAS: dict[str, tuple[tuple[str, float], ...]] = {
-    "flux": (("T5-XXL encoder", 4.76e9), ("CLIP-L text encoder", 1.23e8), ("VAE", 8.4e7)),
-    "wan": (("UMT5-XXL encoder", 5.68e9), ("Wan VAE", 1.27e8)),
-    "cogvideox": (("T5-XXL encoder", 4.76e9), ("CogVideoX VAE", 2.16e8)),
-    "zimage": (("Qwen3-4B text encoder", 4.02e9), ("VAE", 8.4e7)),
-    "dit": (("VAE (sd-vae-ft-ema)", 8.4e7),),
-    "digits": (),
-}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -59,7 +47,8 @@ def memory_outline(cost: ProtocolCost, metrics: list, dtype: str, eval_name: str
 
     nb = DTYPE_BYTES.get(dtype, 4)
     denoiser = denoiser_params(cost.model)
-    extras = PIPELINE_EXTRAS.get(cost.adapter, ())
+    # the pipeline parts besides the denoiser: nominal sizes the family's adapter declares (``pipeline_extras``)
+    extras = adapter_class(cost.adapter).pipeline_extras
     load = (denoiser + sum(p for _, p in extras)) * nb
     load_detail = (f"denoiser {denoiser / 1e9:.3g} B params (shipped config)" if denoiser else "denoiser: no shipped "
                    "config (tiny test pipeline, negligible)") + "".join(f" + {n} {p / 1e9:.3g} B (nominal)"

@@ -196,7 +196,8 @@ def make_plan(argv: list[str], *, conf_dir: Path = CONF, bench_dir: Path = BENCH
 def _notes(plan: Plan) -> list[str]:
     notes = [
         "counted: runs, samples, forwards, tokens, bytes (from the composed configs and shipped transformer configs)",
-        "forwards are denoiser rows (one sample through the denoiser once); CFG per family: orbitquant.harness.plan.CFG_RULES",
+        ("forwards are denoiser rows (one sample through the denoiser once); CFG per family: "
+         "orbitquant.harness.plan.CFG_RULES"),
         ("fp reference: sampled once per (model, eval protocol, dtype, device, seed), cached; the quant=fp run also "
         "samples its own set (orbitquant/harness/stages.py sample() runs for every method)"),
         ("disk: raw bytes of every sample store (uint8 = F x H x W x 3 per video / H x W x 3 per image, float32 = 4 B "
