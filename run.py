@@ -8,7 +8,7 @@
     torchrun --nproc_per_node=2 run.py                   # one run, samples sharded across ranks (rank 0 scores)
 
 Results: results/runs/<model>/<method>/<tag>/<eval>/q<quant_seed>-s<seed>/results.json, with samples/ (the sample
-store: shards on disk, grid.png). The stages and how they stream, shard and resume: orbitquant/stages.py.
+store: shards on disk, grid.png). The stages and how they stream, shard and resume: orbitquant/harness/stages.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from orbitquant import stages
+    from orbitquant.harness import stages
 
     run = stages.validate(cfg, HydraConfig.get())  # everything checked before the model loads; None: already done
     if run is None:
@@ -52,12 +52,12 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from orbitquant.cli import check_group_overrides
+    from orbitquant.harness.cli import check_group_overrides
 
     if err := check_group_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf"):
         sys.exit(err)  # before Hydra: one line with the nearest option instead of Hydra's search-path dump
     main()
-    from orbitquant.stages import PREFLIGHT
+    from orbitquant.harness.stages import PREFLIGHT
 
     if PREFLIGHT["missing"]:  # preflight=true found something missing (in any job of a sweep)
         sys.exit(1)

@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 from render_records import render_file, write_tables  # noqa: E402  (scripts/render_records.py)
 
 import orbitquant as oq  # noqa: E402
-from orbitquant.codebook import _lloyd_max_np, distortion  # noqa: E402
 from orbitquant.kernels import orbit_cpu  # noqa: E402
+from orbitquant.quant.codebook import _lloyd_max_np, distortion  # noqa: E402
 
 
 def device_name() -> str:
@@ -147,7 +147,7 @@ def layer_suite(d: int, tokens_list: list[int], bit_pairs: list[tuple[int, int]]
                              "stored_bits_per_weight": None if k.startswith(("fp32", "bf16")) else
                              round(8 * layer.store.nbytes / (d * d), 4),
                              # compact on CPU: the per-thread buffer all compact layers decode into (scratch)
-                             "workspace_MB": round(oq.nn.decode_workspace_bytes(
+                             "workspace_MB": round(oq.quant.weights.decode_workspace_bytes(
                                  torch.bfloat16 if "bf16" in k else torch.float32) / 1e6, 2) if "compact" in k
                              else None})
     return rows
@@ -170,10 +170,10 @@ def quantize_suite(d: int, reps: int) -> list[dict]:
     w = torch.randn(d, d, generator=g) / math.sqrt(d)
     rot = oq.make_rotation("rpbh", d, 0)
     for bits in (2, 4, 8):
-        cb = oq.codebook.get_codebook(d, bits)
+        cb = oq.quant.codebook.get_codebook(d, bits)
         for native in (True, False):
             _kernels(native)
-            t = interleaved({"q": lambda: oq.nn.OrbitWeight(None, cb, weight=w, rotation=rot)}, reps)["q"]
+            t = interleaved({"q": lambda: oq.quant.weights.OrbitWeight(None, cb, weight=w, rotation=rot)}, reps)["q"]
             rows.append({"suite": "quantize", "d": d, "bits": bits,
                          "impl": "native kernel" if native else "torch path",
                          "ms": round(t * 1e3, 2), "GB_per_s": round(w.numel() * 4 / t / 1e9, 3)})
@@ -226,8 +226,8 @@ def calib_suite(methods: list[str], bits: tuple[int, int]) -> list[dict]:
 
     from omegaconf import OmegaConf
 
-    from orbitquant.adapters.digits import DigitsAdapter
-    from orbitquant.factory import build_quant_config
+    from orbitquant.harness.adapters.digits import DigitsAdapter
+    from orbitquant.harness.factory import build_quant_config
 
     adapter = DigitsAdapter()
     base = adapter.load()
@@ -317,6 +317,7 @@ def main() -> None:
     ap.add_argument("suites", nargs="*", default=["layer", "quantize", "model"],
                     help="layer, quantize and/or model (default all)")
     ap.add_argument("--model-layers", type=int, default=16, help="d x d linears in the model suite")
+    # subset: the data-free method against the two cheapest calibrated baselines (the quantize-cost suite)
     ap.add_argument("--calib-methods", nargs="+", default=["orbit", "smoothquant", "qdit"])
     ap.add_argument("--d", type=int, default=3072)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 4096])

@@ -4,7 +4,7 @@
                                    [--out results/bench/cpu-dryrun-true-size]
 
 Each run is a fresh ``run.py`` subprocess (real family denoiser at its checkpoint's config with random weights and
-small text/VAE stand-ins, see ``orbitquant/adapters/random_init.py``). Recorded per model: wall seconds per stage
+small text/VAE stand-ins, see ``orbitquant/harness/adapters/random_init.py``). Recorded per model: wall seconds per stage
 (results.json ``timing``), peak RSS of the process (``/usr/bin/time -v`` when present, else
 ``getrusage(RUSAGE_CHILDREN)``; also the per-stage high-water marks of results.json ``memory``, and a 0.5 s psutil
 poll summed over the process tree, which counts a forked child's shared pages twice), the quantized
@@ -137,7 +137,7 @@ def main() -> None:
     if args.render:
         return write_tables(args.render)
     args.cache_dir = args.cache_dir or f"/tmp/dry/cache-{int(time.time())}"
-    from orbitquant.inventory import meta_inventory
+    from orbitquant.harness.inventory import meta_inventory
 
     out = {"machine": machine(args.repo), "rss_limit_gb": args.rss_limit_gb, "runs": []}
     for model in args.models:

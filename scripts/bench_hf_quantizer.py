@@ -1,4 +1,4 @@
-"""Memory and time of diffusers quantize-at-load (``orbitquant.hf_quantizer``) vs a plain fp load and quantize_.
+"""Memory and time of diffusers quantize-at-load (``orbitquant.hf.quantizer``) vs a plain fp load and quantize_.
 
     python scripts/bench_hf_quantizer.py [--dir /tmp/oq_flux_mid] [--dtype bfloat16] [--out results/bench/hf_quantizer.json]
 
@@ -62,7 +62,7 @@ def case(name: str, src: str, dtype_name: str, method: str, w_bits: int, a_bits:
     from diffusers import FluxTransformer2DModel
 
     import orbitquant as oq
-    from orbitquant.hf_quantizer import OrbitQuantDiffusersConfig, diffusers_layers, release_freed_memory
+    from orbitquant.hf.quantizer import OrbitQuantDiffusersConfig, diffusers_layers, release_freed_memory
     from orbitquant.kernels import orbit_cpu
 
     orbit_cpu()  # load the native kernel before the baseline

@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from render_records import render_rotation_study, rotation_paths, write_tables  # noqa: E402  (scripts/)
 
-import orbitquant.methods.base as qbase
+import orbitquant.quant.methods.base as qbase
 from orbitquant import OrbitConfig, quantize_
-from orbitquant.primitives import relative_error
-from orbitquant.rotation import make_rotation
+from orbitquant.quant.primitives import relative_error
+from orbitquant.quant.rotation import make_rotation
 
 ROTATIONS = ("none", "rpbh", "hadamard", "rpbh2", "rpbh_kron", "hadamard_kron", "haar")
 
@@ -104,8 +104,8 @@ def synthetic(dims: list[int], seeds: list[int]) -> pd.DataFrame:
 
 def real_activations(models: list[str], seeds: list[int]) -> pd.DataFrame:
     """KS and W4A4 error of every quantized linear's probe inputs in the digits models, per rotation."""
-    from orbitquant.adapters.digits import DigitsAdapter
-    from orbitquant.api import layer_treatment
+    from orbitquant.harness.adapters.digits import DigitsAdapter
+    from orbitquant.quant.api import layer_treatment
 
     rows = []
     for model in models:
@@ -138,7 +138,7 @@ def real_activations(models: list[str], seeds: list[int]) -> pd.DataFrame:
 
 def figure(path: Path, d: int = 1920) -> None:
     """The paper's figure style: normalized rotated coordinates (x sqrt(d)) vs N(0, 1), KS in the legend."""
-    from orbitquant.viz import pyplot, save_figure
+    from orbitquant.harness.viz import pyplot, save_figure
 
     plt = pyplot()
     x, _ = stress(d)

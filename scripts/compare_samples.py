@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.metrics.base import head, open_samples
-from orbitquant.viz import to_uint8
+from orbitquant.harness.metrics.base import head, open_samples
+from orbitquant.harness.viz import to_uint8
 
 
 def main() -> None:

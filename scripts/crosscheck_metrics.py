@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METRICS = ("fid", "sfid", "isc", "precision", "recall")
+METRICS = ("fid", "sfid", "isc", "precision", "recall")  # subset: the Inception metrics the ADM evaluator computes
 
 
 @dataclass
@@ -81,7 +81,7 @@ def render(rows: list[Row], title: str, context: list[str]) -> str:
 def ours(samples, reference: str, *, preprocess: str, weights: str | None, names=METRICS, split_size: int = 5000,
          reference_files: str | None = None, cache_dir: str | None = None) -> dict[str, float]:
     """Our metrics through the harness's own path (``build_metrics`` -> ``compute``)."""
-    from orbitquant.factory import build_metrics, metric_contexts
+    from orbitquant.harness.factory import build_metrics, metric_contexts
 
     common = {"inception_weights": weights, "progress": False, "cache_dir": cache_dir, "preprocess": preprocess}
     spec = {}
@@ -135,7 +135,7 @@ class _Given(torch.nn.Module):
 
 
 def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    from orbitquant.metrics.features import prepare_torch_fidelity
+    from orbitquant.harness.metrics.features import prepare_torch_fidelity
 
     prepare_torch_fidelity()
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -181,8 +181,8 @@ def cpu_check(work: Path, n: int = 4, seed: int = 0, scipy_rows: bool = True) ->
     itself is compared with scipy in tests/test_metrics_inception.py)."""
     from PIL import Image
 
-    from orbitquant.metrics.features import import_torch_fidelity_inception, write_random_inception_weights
-    from orbitquant.samplestore import SampleSet, StoreWriter
+    from orbitquant.harness.metrics.features import import_torch_fidelity_inception, write_random_inception_weights
+    from orbitquant.harness.samplestore import SampleSet, StoreWriter
 
     work.mkdir(parents=True, exist_ok=True)
     weights = write_random_inception_weights(work / "inception-random.pth", seed)
@@ -271,6 +271,7 @@ def adm_rows(mine: dict, evaluator: str, python: str, ref_batch: str, sample_bat
                 for m, v in mine.items()]
     found = {m.group(1).lower(): float(m.group(2)) for m in re.finditer(r"^(Inception Score|FID|sFID|Precision|"
                                                                          r"Recall): ([-\d.eE+]+)", p.stdout, re.M)}
+    # subset: our Inception metrics -> the ADM evaluator's printed names
     names = {"isc": "inception score", "fid": "fid", "sfid": "sfid", "precision": "precision", "recall": "recall"}
     return [Row(m, v, "ADM evaluator (TF)", found.get(names[m]), 1e-3) for m, v in mine.items()]
 
@@ -286,6 +287,7 @@ def torch_fidelity_rows(mine: dict, fake_dir: Path, ref: str, weights: str | Non
     kw = {"feature_extractor_weights_path": weights} if weights else {}
     out = calculate_metrics(input1=str(fake_dir), input2=ref, fid=True, isc=True, prc=True, verbose=False,
                             isc_splits=max(1, n // split_size), cuda=torch.cuda.is_available(), **kw)
+    # subset: our metrics torch-fidelity also computes -> its result keys
     theirs = {"fid": out.get("frechet_inception_distance"), "isc": out.get("inception_score_mean"),
               "precision": out.get("precision"), "recall": out.get("recall")}
     # IS: torch-fidelity splits its own seeded permutation and ours another, so split noise (~1% at 2 splits of
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (args.samples and args.reference):
             ap.error("give --samples and --reference (or --cpu)")
-        from orbitquant.metrics.base import open_samples
+        from orbitquant.harness.metrics.base import open_samples
 
         samples = open_samples(args.samples)
         names = METRICS if args.preprocess == "adm" else ("fid",)

@@ -13,19 +13,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.inventory import ROLE_TABLES, meta_inventory  # noqa: E402
+from orbitquant.harness.inventory import meta_inventory, role_tables  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="model=<name>; one of: " + ", ".join(sorted(ROLE_TABLES)))
+    ap.add_argument("model", nargs="?", help="model=<name>; one of: " + ", ".join(sorted(role_tables())))
     ap.add_argument("--json", action="store_true", help="print {total, by_treatment, dims} as JSON")
     ap.add_argument("--all", action="store_true", help="markdown table of every shipped config")
     args = ap.parse_args()
     if args.all:
         print("| model | params | linears | orbit | adaln INT4 | untouched | input dims -> RPBH block h |")
         print("|---|---:|---:|---:|---:|---:|---|")
-        for name in sorted(ROLE_TABLES):
+        for name in sorted(role_tables()):
             r = meta_inventory(name)
             t = r["by_treatment"]
             dims = ", ".join(f"{d}->{h}" for d, h in r["dims"].items())
@@ -35,8 +35,8 @@ def main() -> None:
     if not args.model:
         ap.error("give model=<name> or --all")
     name = args.model.split("=", 1)[1] if args.model.startswith("model=") else args.model
-    if name not in ROLE_TABLES:
-        sys.exit(f"unknown model {name!r}; shipped configs: {', '.join(sorted(ROLE_TABLES))}")
+    if name not in role_tables():
+        sys.exit(f"unknown model {name!r}; shipped configs: {', '.join(sorted(role_tables()))}")
     r = meta_inventory(name)
     if args.json:
         print(json.dumps({k: r[k] for k in ("total", "by_treatment", "dims")}))

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as e:
         print(f"error: {path}: {e}", file=sys.stderr)
         return 2
-    from orbitquant.atomic import atomic_write
+    from orbitquant.quant.atomic import atomic_write
 
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write(Path(args.out), lambda f: f.write(text.encode()))

@@ -10,7 +10,7 @@
 Rows are (model, bits, method, tag); cells are mean ± std over seeds; the best mean of each metric among
 the quantized rows of the same (model, bits) is bold. Mixing eval protocols in one table is refused. An
 experiment with a ``<name>.paper.csv`` also gets "paper:" columns beside ours, joined on (method, bits).
-An experiment's tables are built from its records alone (``orbitquant/records.py``), so a fresh clone rebuilds
+An experiment's tables are built from its records alone (``orbitquant/harness/records.py``), so a fresh clone rebuilds
 every committed table byte for byte (``tests/test_records.py`` checks it).
 """
 
@@ -25,8 +25,16 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orbitquant.records import RECORDS_DIR, collect
-from orbitquant.tables import cost_table, headline_table, load_costs, load_results, mean_std_table, to_latex, with_paper
+from orbitquant.harness.records import RECORDS_DIR, collect
+from orbitquant.harness.tables import (
+    cost_table,
+    headline_table,
+    load_costs,
+    load_results,
+    mean_std_table,
+    to_latex,
+    with_paper,
+)
 
 
 def main() -> None:
@@ -104,7 +112,7 @@ def main() -> None:
     if df.empty:
         return
     if args.plots:
-        from orbitquant.viz import plot_metric_vs_bits
+        from orbitquant.harness.viz import plot_metric_vs_bits
 
         stem = args.experiment or (args.out.stem if args.out else "table")
         for model, dm in df.groupby("model"):

@@ -11,7 +11,7 @@ a checklist of what it needs (weights, metric references, evaluator environments
                                                                   # a measured timing from a (dry) run
 
 Exit status 0 even when the checklist has failures (it is a plan); 2 for bad input (unknown option, a config that
-does not compose). Library: orbitquant/plan/ (formulas, assumptions; the timing-file schema in timing.py).
+does not compose). Library: orbitquant/harness/plan/ (formulas, assumptions; the timing-file schema in timing.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a plan never downloads; resolve_checkpoint reads the cache only
-    from orbitquant.plan import BENCH, DEFAULT_CEILING, DEFAULT_MFU, PlanError, make_plan, render, scale_doc, to_json
+    from orbitquant.harness.plan import (
+        BENCH,
+        DEFAULT_CEILING,
+        DEFAULT_MFU,
+        PlanError,
+        make_plan,
+        render,
+        scale_doc,
+        to_json,
+    )
 
     head, tail = __doc__.split("\n\n", 1)
     ap = argparse.ArgumentParser(description=head, epilog=tail, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceiling", type=Path, default=DEFAULT_CEILING,
                     help="GPU bench JSON with meta.ceilings.bf16_matmul_TFLOPs (default: %(default)s)")
     ap.add_argument("--bench-dir", type=Path, default=BENCH,
-                    help="folder scanned for forward-timing files (schema in orbitquant/plan/timing.py; default: %(default)s)")
+                    help="folder scanned for forward-timing files (schema in orbitquant/harness/plan/timing.py; default: %(default)s)")
     ap.add_argument("--no-check", action="store_true", help="skip the checklist (weights, metrics, prompt files)")
     args = ap.parse_args(argv)
     try:
         if args.timing_from:
-            from orbitquant.plan import timing_from_results
+            from orbitquant.harness.plan import timing_from_results
 
             print(json.dumps(timing_from_results(args.timing_from), indent=1))
             return 0

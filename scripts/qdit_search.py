@@ -29,7 +29,7 @@ log = logging.getLogger("orbitquant.qdit_search")
 
 
 def _plot(history: list[tuple[tuple, float]], path: Path, metric: str) -> None:
-    from orbitquant.viz import pyplot, save_figure
+    from orbitquant.harness.viz import pyplot, save_figure
 
     fit = [f for _, f in history]
     best = [min(fit[: i + 1]) for i in range(len(fit))]
@@ -48,12 +48,12 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from baselines.qdit.search import SearchConfig, evolve, expand, shared_input_genes
-    from orbitquant.api import layer_treatment, quantized
-    from orbitquant.config import torch_dtype
-    from orbitquant.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
-    from orbitquant.generate import reference_key
-    from orbitquant.samplestore import cached_samples
-    from orbitquant.stages import resolve_device
+    from orbitquant.harness.factory import build_adapter, build_metrics, build_quant_config, metric_contexts
+    from orbitquant.harness.generate import reference_key
+    from orbitquant.harness.samplestore import cached_samples
+    from orbitquant.harness.stages import resolve_device
+    from orbitquant.quant.api import layer_treatment, quantized
+    from orbitquant.quant.config import torch_dtype
 
     c = OmegaConf.to_container(cfg, resolve=True)
     s = dict(c["search"])

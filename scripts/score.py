@@ -25,11 +25,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.factory import build_adapter, build_metrics, metric_contexts, metric_specs
-from orbitquant.generate import reference_key, run_reference_key
-from orbitquant.metrics.base import SampleSource, open_samples
-from orbitquant.rundir import atomic_write_json
-from orbitquant.samplestore import StoreError
+from orbitquant.harness.factory import build_adapter, build_metrics, metric_contexts, metric_specs
+from orbitquant.harness.generate import reference_key, run_reference_key
+from orbitquant.harness.metrics.base import SampleSource, open_samples
+from orbitquant.harness.rundir import atomic_write_json
+from orbitquant.harness.samplestore import StoreError
 
 
 def metric_plan(stored_spec, names: list[str] | None, sets: list[str]) -> list[tuple[str, dict]]:

@@ -12,7 +12,7 @@
 # $VBENCH_CACHE_DIR or ~/.cache/vbench; CLIP into ~/.cache/clip, DINO into torch.hub's cache, bert-base-uncased into the
 # Hugging Face cache) on first use -- on an offline node only after the hours of sampling. On a connected machine,
 #   --fetch-checkpoints[=DIMS]  downloads the missing ones now (DIMS: paper (default), all, or a comma list), with the
-#                               commands `python -m orbitquant.metrics.vbench_assets --fetch-commands` prints (the same table
+#                               commands `python -m orbitquant.harness.metrics.vbench_assets --fetch-commands` prints (the same table
 #                               the preflight checks: run.py preflight=true lists what is still missing);
 #   --local                     also puts CLIP and DINO into VBench's cache (the metrics' `local: true`);
 #   --fetch-only                skips creating the environment (it must exist: the DINO/bert downloads run in it).
@@ -40,7 +40,7 @@ PY="${PYTHON:-python3}"
 
 fetch_checkpoints() {
   local oq="${ORBITQUANT_PYTHON:-$ROOT/.venv/bin/python}" cmds
-  cmds="$(cd "$ROOT" && "$oq" -W ignore::RuntimeWarning -m orbitquant.metrics.vbench_assets --fetch-commands \
+  cmds="$(cd "$ROOT" && "$oq" -W ignore::RuntimeWarning -m orbitquant.harness.metrics.vbench_assets --fetch-commands \
           --dimensions "$FETCH" --python "$ENV_DIR/bin/python" $LOCAL)"
   if [ -z "$cmds" ]; then
     echo "VBench checkpoints for $FETCH: all present"

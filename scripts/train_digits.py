@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orbitquant.adapters.digits import NULL_CLASS, DigitsPipeline, build_dit  # noqa: E402
-from orbitquant.data import digits_split, load_digits_tensor  # noqa: E402
-from orbitquant.metrics.digits_net import DigitNet  # noqa: E402
-from orbitquant.viz import save_grid  # noqa: E402
+from orbitquant.harness.adapters.digits import NULL_CLASS, DigitsPipeline, build_dit  # noqa: E402
+from orbitquant.harness.data import digits_split, load_digits_tensor  # noqa: E402
+from orbitquant.harness.metrics.digits_net import DigitNet  # noqa: E402
+from orbitquant.harness.viz import save_grid  # noqa: E402
 
 
 def train_dit(steps: int, batch: int, lr: float, seed: int, log_every: int) -> tuple[torch.nn.Module, list[float]]:

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # torch-fidelity (installed --no-deps for the metric tests) is imported by torchmetrics and imports torchvision: the
-# harness registers its package without running its __init__ when orbitquant.metrics is imported; do it before any
+# harness registers its package without running its __init__ when orbitquant.harness.metrics is imported; do it before any
 # test module imports torchmetrics directly
-from orbitquant.metrics.features import prepare_torch_fidelity  # noqa: E402
+from orbitquant.harness.metrics.features import prepare_torch_fidelity  # noqa: E402
 
 prepare_torch_fidelity()

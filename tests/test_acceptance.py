@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import orbitquant as oq
-from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.metrics.digits import DigitsContext
-from orbitquant.registry import METRICS
+from orbitquant.harness.adapters.digits import DigitsAdapter
+from orbitquant.harness.metrics.digits import DigitsContext
+from orbitquant.quant.registry import METRICS
 
 PROTOCOL = dict(n_per_class=10, steps=16, guidance=2.0, batch_size=100, seed=0, progress=False)
 

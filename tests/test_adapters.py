@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import orbitquant as oq
-from orbitquant.adapters.digits import DigitsAdapter, inject_outliers
-from orbitquant.registry import MODELS
-from orbitquant.types import ROLES
+from orbitquant.harness.adapters.digits import DigitsAdapter, inject_outliers
+from orbitquant.quant.registry import MODELS
+from orbitquant.quant.types import ROLES
 
 
 def test_every_registered_adapter_covers_every_linear_once():
@@ -105,7 +105,7 @@ def test_shipped_weights_load_and_missing_weights_error(tmp_path):
 def test_prompt_files_load_and_bad_ones_fail_with_the_fix(tmp_path):
     import pytest
 
-    from orbitquant.data import load_prompts
+    from orbitquant.harness.data import load_prompts
 
     shipped = load_prompts("orbitquant/assets/prompts/calib_coco_style.txt")
     assert len(shipped) == 64 and all(p.endswith(".") for p in shipped)

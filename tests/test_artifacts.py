@@ -9,8 +9,8 @@ import torch
 import orbitquant as oq
 from baselines.qdit import QDiTConfig
 from baselines.smoothquant import SmoothQuantConfig
-from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.artifacts import cache_key, calibration_path, load_artifact, save_artifact
+from orbitquant.harness.adapters.digits import DigitsAdapter
+from orbitquant.quant.artifacts import cache_key, calibration_path, load_artifact, save_artifact
 
 
 def _quantize(cfg, cache):

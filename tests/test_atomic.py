@@ -1,4 +1,4 @@
-"""One atomic write (``orbitquant.atomic``), tested directly and at every write point of a real run.
+"""One atomic write (``orbitquant.quant.atomic``), tested directly and at every write point of a real run.
 
 The helper: two writers of one path never share a temp file; a failure at each stage (filling the temp file, between
 fsync and rename, after the rename) leaves the old file or the whole new one and no temp file; ENOSPC is DiskFull; the
@@ -27,11 +27,11 @@ import torch
 from test_run import ROOT, _stored
 
 import orbitquant as oq
-from orbitquant import atomic, faults
-from orbitquant.artifacts import load_artifact, save_artifact
-from orbitquant.atomic import DiskFull, atomic_path, atomic_write, atomic_write_json
-from orbitquant.checkpoint import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
-from orbitquant.samplestore import SampleSet
+from orbitquant.quant import atomic, faults
+from orbitquant.harness.samplestore import SampleSet
+from orbitquant.quant.artifacts import load_artifact, save_artifact
+from orbitquant.quant.atomic import DiskFull, atomic_path, atomic_write, atomic_write_json
+from orbitquant.quant.checkpoint import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
 
 
 class Crash(BaseException):
@@ -241,7 +241,7 @@ def test_kill_targets_aim_at_the_kth_matching_point(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- the writers
 def test_save_artifact_and_feature_caches_write_through_the_one_helper(tmp_path, monkeypatch):
-    from orbitquant.metrics.features import extract
+    from orbitquant.harness.metrics.features import extract
 
     seen = _aim(monkeypatch, "never", "*")
     save_artifact(tmp_path / "a.safetensors", {"w": torch.ones(3)}, {"k": 1})

@@ -9,7 +9,7 @@ import torch
 
 import orbitquant as oq
 from baselines.hadamard_rtn import HadamardRTNConfig
-from orbitquant.primitives import relative_error
+from orbitquant.quant.primitives import relative_error
 
 
 def _mlp(seed=0, d=384):
@@ -102,8 +102,8 @@ def test_calibrated_methods_refuse_to_run_without_calibration():
 
 
 def test_activation_collector_is_exact_and_bounded():
-    from orbitquant.calib import ActivationCollector
-    from orbitquant.types import LayerRef
+    from orbitquant.quant.calib import ActivationCollector
+    from orbitquant.quant.types import LayerRef
 
     lin = torch.nn.Linear(8, 4)
     batches = [torch.randn(5, 7, 8, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(10)]
@@ -154,7 +154,7 @@ class _Block(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x + a)))
 
     def refs(self):
-        from orbitquant.types import LayerRef
+        from orbitquant.quant.types import LayerRef
 
         roles = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "out": "attn.out", "up": "ff.up", "down": "ff.down"}
         return [LayerRef(n, r, 0, getattr(self, n)) for n, r in roles.items()]
@@ -172,7 +172,7 @@ def _smoothquant_block(**kw):
 
 def test_smoothquant_smooths_only_qkv_and_ffn_up_by_default():
     """Upstream (smooth_lm) smooths q/k/v and fc1 only; out_proj and fc2 are quantized unsmoothed."""
-    from orbitquant.nn import ChannelScale
+    from orbitquant.quant.nn import ChannelScale
 
     block, report = _smoothquant_block()
     for name in ("q", "k", "v", "up"):
@@ -194,8 +194,8 @@ def test_rtn_sym_control_composes_and_quantizes_activations_symmetrically():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from orbitquant.factory import build_quant_config
-    from orbitquant.primitives import fake_quant_uniform
+    from orbitquant.harness.factory import build_quant_config
+    from orbitquant.quant.primitives import fake_quant_uniform
 
     conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
     tags = {}
@@ -222,9 +222,9 @@ def test_rtn_g64_control_uses_svdquants_number_format_without_its_transform():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from orbitquant.factory import build_quant_config
-    from orbitquant.nn import GroupActQuant, GroupWeight
-    from orbitquant.primitives import fake_quant_groups
+    from orbitquant.harness.factory import build_quant_config
+    from orbitquant.quant.nn import GroupActQuant, GroupWeight
+    from orbitquant.quant.primitives import fake_quant_groups
 
     conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

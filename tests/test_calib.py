@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.calib import (
+from orbitquant.harness.adapters.digits import DigitsAdapter
+from orbitquant.quant.calib import (
     ActivationCollector,
     DenoiserCall,
     InputRecorder,
@@ -87,7 +87,7 @@ def test_publish_calls_counts_steps_by_timestep_and_splits_by_layout():
 
 
 def test_tiny_dit_pipeline_publishes_cond_first_halves():
-    from orbitquant.adapters.dit import DiTAdapter
+    from orbitquant.harness.adapters.dit import DiTAdapter
 
     a = DiTAdapter(tiny=True)
     pipe = a.load(torch.float32)
@@ -133,7 +133,7 @@ def test_nan_reaching_a_quantized_layer_names_the_layer_and_the_sampler_step():
     import pytest
 
     import orbitquant as oq
-    from orbitquant.nn import NonFiniteInput
+    from orbitquant.quant.nn import NonFiniteInput
 
     m = torch.nn.Sequential(torch.nn.Linear(8, 4))
     oq.quantize_(m, oq.OrbitConfig())
@@ -146,7 +146,7 @@ def test_nan_reaching_a_quantized_layer_names_the_layer_and_the_sampler_step():
 
 def test_nonfinite_record_policy_logs_zeroes_and_continues():
     import orbitquant as oq
-    from orbitquant import nn as qnn
+    from orbitquant.quant import nn as qnn
 
     m = torch.nn.Sequential(torch.nn.Linear(8, 4))
     oq.quantize_(m, oq.OrbitConfig(nonfinite="record"))

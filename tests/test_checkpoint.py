@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import orbitquant as oq
-from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.checkpoint import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
+from orbitquant.harness.adapters.digits import DigitsAdapter
+from orbitquant.quant.checkpoint import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
 
 
 def _mlp(seed: int = 0, d: int = 384) -> nn.Sequential:

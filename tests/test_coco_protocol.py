@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from orbitquant.data import load_prompts
-from orbitquant.metrics.references import reference_files
+from orbitquant.harness.data import load_prompts
+from orbitquant.harness.metrics.references import reference_files
 
 REPO = Path(__file__).resolve().parents[1]
 

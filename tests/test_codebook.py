@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from orbitquant.codebook import distortion, get_codebook, lloyd_max, lloyd_max_gaussian
+from orbitquant.quant.codebook import distortion, get_codebook, lloyd_max, lloyd_max_gaussian
 
 # ------------------------------------------------------------------------------------------- helpers
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_crosscheck_agrees_with_the_reference_implementations(tmp_path):
-    from orbitquant.metrics.features import prepare_torch_fidelity
+    from orbitquant.harness.metrics.features import prepare_torch_fidelity
 
     if not prepare_torch_fidelity():  # its package imports torchvision: registered without running it, as in use
         pytest.skip("torch-fidelity: pip install --no-deps torch-fidelity (the README's test install has it)")
@@ -29,6 +29,7 @@ def test_cpu_crosscheck_agrees_with_the_reference_implementations(tmp_path):
         rows = cpu_check(tmp_path, scipy_rows=False)  # scipy's 2048-d sqrtm: 28 s, compared elsewhere
     finally:
         torch.set_num_threads(threads)
+    # subset: the Inception metrics the script cross-checks, and clean-fid's FID
     assert {r.metric for r in rows} == {"fid", "sfid", "isc", "precision", "recall", "fid (clean)"}
     assert all(r.theirs is not None for r in rows), render(rows, "cross-check", [])
     assert all(r.agree for r in rows), render(rows, "cross-check", [])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orbitquant.api import QuantReport, quantize_
-from orbitquant.config import OrbitConfig, RTNConfig
-from orbitquant.nn import (
+from orbitquant.quant.api import QuantReport, quantize_
+from orbitquant.quant.config import OrbitConfig, RTNConfig
+from orbitquant.quant.nn import (
     GroupActQuant,
     GroupWeight,
     LowRankQuantLinear,
@@ -18,7 +18,7 @@ from orbitquant.nn import (
     UniformActQuant,
     UniformWeight,
 )
-from orbitquant.types import LayerRef
+from orbitquant.quant.types import LayerRef
 
 
 def test_activation_side_information_per_element():
@@ -27,7 +27,7 @@ def test_activation_side_information_per_element():
     assert UniformActQuant(8, True, "tensor").bits_per_element(128) == 8  # one scale for the whole tensor
     assert GroupActQuant(4, group=32, symmetric=False).bits_per_element(128) == 4 + 32 / 32
     assert GroupActQuant(4, group=0).bits_per_element(128) == 4 + 32 / 128  # group <= 0: per token
-    from orbitquant.codebook import get_codebook
+    from orbitquant.quant.codebook import get_codebook
 
     assert OrbitActQuant(get_codebook(128, 4)).bits_per_element(128) == 4 + 32 / 128  # the fp32 token norm
 
@@ -66,7 +66,7 @@ def test_measured_weight_bits_count_scales_zeros_and_low_rank_branches():
 
 
 def test_report_reads_measured_bits_over_the_methods_layers():
-    from orbitquant.adapters.digits import DigitsAdapter
+    from orbitquant.harness.adapters.digits import DigitsAdapter
 
     a = DigitsAdapter()
     out = {}

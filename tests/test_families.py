@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from test_run import _run
 
 import orbitquant as oq
-from orbitquant.codebook import distortion
-from orbitquant.registry import MODELS
+from orbitquant.quant.codebook import distortion
+from orbitquant.quant.registry import METHODS, MODELS
 
-# adapter -> (tiny model config, eval protocol, sampling kwargs)
-TINY = {
-    "flux": ("tiny_flux", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
-    "wan": ("tiny_wan", "t2v_smoke", dict(guidance=5.0, height=16, width=16, num_frames=5)),
-    "cogvideox": ("tiny_cogvideox", "t2v_smoke", dict(guidance=6.0, height=16, width=16, num_frames=9)),
-    "zimage": ("tiny_zimage", "t2i_smoke", dict(guidance=0.0, height=32, width=32)),
-    "dit": ("tiny_dit", "c2i_smoke", dict(guidance=1.5)),
-}
+
+def _tiny_families() -> dict[str, tuple[str, str, dict]]:
+    """Every registered diffusers family -> (its tiny model config ``tiny_<family>``, that config's eval protocol, the
+    adapter's tiny sampling kwargs): enumerated from the registry, so a new family is tested once registered."""
+    from test_run import _compose
+
+    from orbitquant.harness.adapters.diffusers_base import diffusers_adapters
+
+    out = {}
+    for name, cls in sorted(diffusers_adapters().items()):
+        conf = CONF / f"tiny_{name}.yaml"
+        assert conf.is_file(), f"family {name!r} has no conf/model/tiny_{name}.yaml (docs/extending.md, recipe 2)"
+        out[name] = (f"tiny_{name}", _compose([f"model=tiny_{name}"]).eval.name, dict(cls.tiny_generate_kwargs))
+    return out
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+TINY = _tiny_families()
 
 
 @pytest.mark.parametrize("adapter_name", sorted(TINY))
@@ -83,7 +94,7 @@ def check_error_grows_as_bits_shrink(adapter_name: str) -> dict:
     cls = MODELS.get(adapter_name)
     errs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("orbitquant.api.rotation_ks", lambda *_: (None, None))  # KS diagnostics: not under test, slow
+        mp.setattr("orbitquant.quant.api.rotation_ks", lambda *_: (None, None))  # KS diagnostics: not under test, slow
         for w_bits, a_bits in LADDER:
             adapter = cls(tiny=True)
             pipe = adapter.load(torch.float32)
@@ -112,10 +123,11 @@ SWEEP_SLOW = {"tiny_cogvideox", "tiny_zimage"}
                                           for m, e in sorted((m, e) for m, e, _ in TINY.values())])
 def test_run_every_method_on_tiny_family(model, eval_, tmp_path):
     # calibrated methods calibrate on the family's smoke calib protocol (same name as the eval)
-    _run(["-m", f"model={model}", "quant=fp,rtn,orbit,hadamard_rtn,smoothquant,qdit,svdquant,vidit_q,ptq4dit",
+    methods = METHODS.names()  # every registered method, each by its own conf/quant/<name>.yaml
+    _run(["-m", f"model={model}", "quant=" + ",".join(methods),
           f"eval={eval_}", f"calib={eval_}", "dtype=float32", "w_bits=4", "a_bits=8"], tmp_path)
     found = sorted(p.relative_to(tmp_path / "runs").parts[1] for p in (tmp_path / "runs").glob("**/results.json"))
-    assert found == ["fp", "hadamard_rtn", "orbit", "ptq4dit", "qdit", "rtn", "smoothquant", "svdquant", "vidit_q"]
+    assert found == methods
     qdit = json.loads(next((tmp_path / "runs").glob("**/qdit/**/results.json")).read_text())
     assert qdit["quant_report"]["summary"]["calibration"]["inputs_recorded"] >= 1
     fp = json.loads(next((tmp_path / "runs").glob("**/fp/**/results.json")).read_text())
@@ -140,7 +152,7 @@ def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
     from omegaconf import OmegaConf
     from test_run import _compose
 
-    from orbitquant.factory import build_adapter
+    from orbitquant.harness.factory import build_adapter
 
     cfg = _compose([f"model={model}", f"eval={eval_}"])
     adapter = build_adapter(OmegaConf.to_container(cfg.model, resolve=True))
@@ -152,8 +164,8 @@ def test_paper_protocols_fit_their_models_and_others_are_refused(model, eval_):
 def test_video_samples_are_stored_exactly_with_grid_gif_and_mp4_previews(tmp_path):
     import imageio.v3 as iio
 
-    from orbitquant.generate import save_previews
-    from orbitquant.samplestore import SampleSet, StoreWriter
+    from orbitquant.harness.generate import save_previews
+    from orbitquant.harness.samplestore import SampleSet, StoreWriter
 
     clips = torch.rand(2, 9, 3, 16, 24) * 2 - 1
     w = StoreWriter(tmp_path / "samples", "k", 2, "float32")
@@ -166,7 +178,7 @@ def test_video_samples_are_stored_exactly_with_grid_gif_and_mp4_previews(tmp_pat
     assert torch.equal(next(stored.batches(2))[0], clips)
     frames = iio.imread(tmp_path / files["mp4_000"])
     assert frames.shape == (9, 16, 24, 3)
-    from orbitquant.viz import save_mp4
+    from orbitquant.harness.viz import save_mp4
 
     ramp = torch.linspace(-1, 1, 24).expand(9, 3, 16, 24)  # smooth content: H.264 keeps it (noise it does not)
     got = torch.from_numpy(iio.imread(save_mp4(ramp, tmp_path / "ramp.mp4"))).float()

@@ -1,6 +1,6 @@
 """Faults lose nothing: a sweep SIGKILLed at its writes (a run's results.json before its rename, a calibration
 artifact being written, a sample shard between its write and its rename...) is finished by re-running the same
-command; every finished run stays intact. The kills are aimed (``ORBITQUANT_KILL_AT``, ``orbitquant.faults``) at the
+command; every finished run stays intact. The kills are aimed (``ORBITQUANT_KILL_AT``, ``orbitquant.quant.faults``) at the
 atomic writes' stages, not timed, so each one lands where it is meant to and none is wasted on a moment that writes
 nothing. A real SIGKILL runs no cleanup: whatever a killed writer leaves (its temp file) is on disk for the rerun."""
 
@@ -15,7 +15,7 @@ import sys
 import pytest
 from test_run import ROOT
 
-from orbitquant.samplestore import SampleSet
+from orbitquant.harness.samplestore import SampleSet
 
 SWEEP = ["-m", "eval=smoke", "quant=fp,rtn,smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=1",
          "eval.protocol.batch_size=10", "progress=false"]  # jobs in this order; 2 shards per sample store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orbitquant.adapters.hf import WeightsNotFound, resolve_checkpoint
+from orbitquant.harness.adapters.hf import WeightsNotFound, resolve_checkpoint
 
 
 def test_missing_repo_names_repo_and_fix(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orbitquant.inventory import ROLE_TABLES, build_meta, meta_inventory
+from orbitquant.harness.inventory import build_meta, meta_inventory, role_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,10 +31,10 @@ def test_published_inventories(name):
     assert (r["total"], t["orbit"], t["adaln_int4"], t["untouched"]) == PUBLISHED[name]
 
 
-@pytest.mark.parametrize("name", sorted(ROLE_TABLES))
+@pytest.mark.parametrize("name", sorted(role_tables()))
 def test_every_linear_has_a_role_and_dims_follow_the_block_rule(name):
     model = build_meta(name)
-    refs = ROLE_TABLES[name].refs(model)
+    refs = role_tables()[name].refs(model)
     n_linear = sum(1 for m in model.modules() if m.__class__.__name__ == "Linear")
     assert len(refs) == n_linear == len({r.fqn for r in refs})
     r = meta_inventory(name)
@@ -46,7 +46,7 @@ def test_every_linear_has_a_role_and_dims_follow_the_block_rule(name):
 
 
 def test_block_indices_are_global_in_execution_order():
-    refs = ROLE_TABLES["flux1_schnell"].refs(build_meta("flux1_schnell"))
+    refs = role_tables()["flux1_schnell"].refs(build_meta("flux1_schnell"))
     blocks = {r.block for r in refs if r.block >= 0}
     assert blocks == set(range(19 + 38))
     single0 = next(r for r in refs if r.fqn == "single_transformer_blocks.0.attn.to_q")

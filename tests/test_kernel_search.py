@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from orbitquant.codebook import Codebook, get_codebook
 from orbitquant.kernels import orbit_cpu
+from orbitquant.quant.codebook import Codebook, get_codebook
 
 
 @pytest.fixture(scope="module")

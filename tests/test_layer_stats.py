@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import orbitquant as oq
-from orbitquant.layer_stats import ks_to_normal, normalized_coordinates, rotation_ks
-from orbitquant.primitives import relative_error, sqnr_db
-from orbitquant.rotation import make_rotation
+from orbitquant.quant.layer_stats import ks_to_normal, normalized_coordinates, rotation_ks
+from orbitquant.quant.primitives import relative_error, sqnr_db
+from orbitquant.quant.rotation import make_rotation
 
 
 def test_sqnr_is_minus_twenty_log10_of_the_relative_error():

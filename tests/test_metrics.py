@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from orbitquant.data import digits_split, load_digits_tensor
-from orbitquant.metrics.digits import DigitsContext
-from orbitquant.registry import METRICS
-from orbitquant.types import Samples
+from orbitquant.harness.data import digits_split, load_digits_tensor
+from orbitquant.harness.metrics.digits import DigitsContext
+from orbitquant.harness.types import Samples
+from orbitquant.quant.registry import METRICS
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_every_metric_declares_direction():
 def test_metrics_check_their_weights_before_any_work(monkeypatch, tmp_path):
     import pytest
 
-    from orbitquant.factory import build_metrics
-    from orbitquant.metrics import digits_net
+    from orbitquant.harness.factory import build_metrics
+    from orbitquant.harness.metrics import digits_net
 
     metrics = build_metrics(["class_acc", "fid_vs_fp", "psnr_vs_fp"])
     for m in metrics:

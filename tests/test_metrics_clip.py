@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from orbitquant.factory import build_metrics
-from orbitquant.metrics.clip_score import CLIP_URLS, CLIPScore, preprocess
-from orbitquant.metrics.features import to_uint8
-from orbitquant.types import Samples
+from orbitquant.harness.factory import build_metrics
+from orbitquant.harness.metrics.clip_score import CLIP_URLS, CLIPScore, preprocess
+from orbitquant.harness.metrics.features import to_uint8
+from orbitquant.harness.types import Samples
 
 HAS_CLIP = importlib.util.find_spec("clip") is not None and importlib.util.find_spec("ftfy") is not None
 
@@ -88,7 +88,7 @@ def test_preprocess_is_torchvisions_transform_to_the_pixel():
     int(round((396 - 224) / 2)) = 86. The expected tensor is those torchvision sizes applied with PIL calls."""
     from PIL import Image
 
-    from orbitquant.metrics.clip_score import MEAN, STD, resized_size
+    from orbitquant.harness.metrics.clip_score import MEAN, STD, resized_size
 
     assert resized_size(1360, 768, 224) == (396, 224) and resized_size(768, 1360, 224) == (224, 396)
     assert resized_size(224, 224, 224) == (224, 224) and resized_size(300, 225, 224) == (298, 224)
@@ -118,7 +118,7 @@ def test_check_names_missing_clip_weights(tmp_path, monkeypatch):
 @pytest.mark.skipif(not HAS_CLIP, reason="optional: clip-anytorch's real CLIP code (pip install --no-deps "
                                          "clip-anytorch ftfy regex)")
 def test_clip_anytorch_architecture_and_tokenizer_random_weights(tmp_path):
-    from orbitquant.metrics.clip_score import ClipTokenizer, clip_model_module
+    from orbitquant.harness.metrics.clip_score import ClipTokenizer, clip_model_module
 
     ids = ClipTokenizer()(["a photo of a cat"])
     assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]

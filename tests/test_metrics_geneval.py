@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
-from orbitquant.factory import build_metrics, metric_contexts
-from orbitquant.metrics import geneval as G
-from orbitquant.metrics.geneval import TAGS, parse_results, write_geneval
-from orbitquant.preflight import missing
-from orbitquant.types import Samples
+from orbitquant.harness.factory import build_metrics, metric_contexts
+from orbitquant.harness.metrics import geneval as G
+from orbitquant.harness.metrics.geneval import TAGS, parse_results, write_geneval
+from orbitquant.harness.preflight import missing
+from orbitquant.harness.types import Samples
 
 META = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},

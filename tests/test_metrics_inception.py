@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from orbitquant.factory import build_metrics, metric_contexts
-from orbitquant.metrics import stats
-from orbitquant.metrics.features import INCEPTION_FILE, INCEPTION_URL, extract, to_uint8
-from orbitquant.types import Samples
+from orbitquant.harness.factory import build_metrics, metric_contexts
+from orbitquant.harness.metrics import stats
+from orbitquant.harness.metrics.features import INCEPTION_FILE, INCEPTION_URL, extract, to_uint8
+from orbitquant.harness.types import Samples
 
 
 class TinyInception(nn.Module):
@@ -196,7 +196,7 @@ def test_t2i_fid_has_one_preprocessing_path_and_the_references_of_the_captions_u
 def test_clean_resize_is_clean_fids_resize_rounded():
     """``references.clean_resize`` = clean-fid's "clean" resize (float PIL bicubic per channel, clipped), rounded to
     uint8 for torch-fidelity's Inception; non-square images are centre-cropped first."""
-    from orbitquant.metrics.references import clean_resize
+    from orbitquant.harness.metrics.references import clean_resize
 
     cleanfid_resize = pytest.importorskip("cleanfid.resize", reason="clean-fid: pip install --no-deps clean-fid")
     g = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def test_check_names_missing_weights_and_references(tmp_path, monkeypatch):
 def test_torch_fidelity_inception_architecture_with_random_weights(tmp_path):
     """The production extractor: torch-fidelity's network loaded from a weights file (Kaiming-random here; default
     init gives ~0 features), with the sFID hook on Mixed_6d.branch1x1."""
-    from orbitquant.metrics.features import InceptionV3, write_random_inception_weights
+    from orbitquant.harness.metrics.features import InceptionV3, write_random_inception_weights
 
     path = write_random_inception_weights(tmp_path / INCEPTION_FILE)
     inc = InceptionV3(path)

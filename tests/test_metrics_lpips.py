@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from orbitquant.factory import build_metrics
-from orbitquant.metrics.lpips import alexnet_features, build_lpips, vgg16_features
-from orbitquant.types import Samples
+from orbitquant.harness.factory import build_metrics
+from orbitquant.harness.metrics.lpips import alexnet_features, build_lpips, vgg16_features
+from orbitquant.harness.types import Samples
 
 
 def _torchvision_style_checkpoint(path, features: nn.Sequential):

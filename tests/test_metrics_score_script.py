@@ -66,7 +66,7 @@ def test_score_script_errors_name_the_fix(tmp_path):
 
 
 def _store(path, images, labels, meta=None):
-    from orbitquant.samplestore import SampleSet, StoreWriter
+    from orbitquant.harness.samplestore import SampleSet, StoreWriter
 
     w = StoreWriter(path, "k", len(images), "float32")
     for a, b in ((0, 4), (4, len(images))):
@@ -94,8 +94,8 @@ def _store_run(tmp_path, n=6):
 
 
 def test_score_script_reads_sample_stores_and_the_cached_reference_store(tmp_path):
-    from orbitquant.factory import build_adapter
-    from orbitquant.generate import reference_key
+    from orbitquant.harness.factory import build_adapter
+    from orbitquant.harness.generate import reference_key
 
     score = _score_module()
     run, q, ref, labels, c = _store_run(tmp_path)
@@ -157,7 +157,7 @@ def test_compare_samples_reads_the_first_samples_of_stores(tmp_path, monkeypatch
 
 
 def test_wandb_sample_table_reads_the_first_samples_of_the_store(tmp_path):
-    from orbitquant.wandb_log import _log_samples
+    from orbitquant.harness.wandb_log import _log_samples
 
     x = torch.rand(12, 3, 4, 4) * 2 - 1
     _store(tmp_path / "samples", x, torch.arange(12) % 3)

@@ -23,14 +23,14 @@ import torch
 from test_metrics_clip import TinyClip, toy_tokenizer
 from torch import nn
 
-from orbitquant.factory import build_metrics, metric_contexts
-from orbitquant.metrics import base, stats
-from orbitquant.metrics.base import open_samples, rebatch
-from orbitquant.metrics.features import extract, to_uint8
-from orbitquant.metrics.inception import per_sample
-from orbitquant.metrics.lpips import build_lpips
-from orbitquant.samplestore import SampleSet, StoreWriter
-from orbitquant.types import Samples
+from orbitquant.harness.factory import build_metrics, metric_contexts
+from orbitquant.harness.metrics import base, stats
+from orbitquant.harness.metrics.base import open_samples, rebatch
+from orbitquant.harness.metrics.features import extract, to_uint8
+from orbitquant.harness.metrics.inception import per_sample
+from orbitquant.harness.metrics.lpips import build_lpips
+from orbitquant.harness.samplestore import SampleSet, StoreWriter
+from orbitquant.harness.types import Samples
 
 SIZES = (3, 7, 1, 5)  # uneven shard sizes; no batch size below divides them or the sample counts
 
@@ -182,9 +182,9 @@ def test_digits_metrics_are_identical_on_memory_and_store_and_match_torchmetrics
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.inception import InceptionScore
 
-    from orbitquant.data import load_digits_tensor
-    from orbitquant.metrics.digits import DigitsContext
-    from orbitquant.metrics.digits_net import DigitFeatures, DigitLogits
+    from orbitquant.harness.data import load_digits_tensor
+    from orbitquant.harness.metrics.digits import DigitsContext
+    from orbitquant.harness.metrics.digits_net import DigitFeatures, DigitLogits
 
     ctx = DigitsContext()
     x, y = load_digits_tensor()
@@ -346,7 +346,7 @@ def test_clip_score_is_identical_on_memory_and_store_and_matches_whole_set_batch
     r = m.compute(mem, None, None)
     assert m.compute(st, None, None).to_dict() == r.to_dict()
     # before streaming: every frame with its sample's prompt, in consecutive batches of 7
-    from orbitquant.metrics.clip_score import preprocess
+    from orbitquant.harness.metrics.clip_score import preprocess
 
     u = to_uint8(q)
     f = u.shape[0] // n
@@ -365,9 +365,9 @@ def test_clip_score_is_identical_on_memory_and_store_and_matches_whole_set_batch
 
 
 def test_geneval_and_vbench_writers_stream_the_same_files(tmp_path, monkeypatch):
-    from orbitquant import viz
-    from orbitquant.metrics.geneval import write_geneval
-    from orbitquant.metrics.vbench import write_videos
+    from orbitquant.harness import viz
+    from orbitquant.harness.metrics.geneval import write_geneval
+    from orbitquant.harness.metrics.vbench import write_videos
 
     meta = [{"tag": "single_object", "prompt": "a photo of a bench"}, {"tag": "counting", "prompt": "three apples"}]
     prompts = [m["prompt"] for m in meta]

@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
-from orbitquant.factory import build_metrics, metric_contexts
-from orbitquant.metrics import vbench as V
-from orbitquant.metrics.vbench import INDEX_FILE, PAPER_DIMENSIONS, parse_results, write_videos
-from orbitquant.preflight import missing
-from orbitquant.types import Samples
+from orbitquant.harness.factory import build_metrics, metric_contexts
+from orbitquant.harness.metrics import vbench as V
+from orbitquant.harness.metrics.vbench import INDEX_FILE, PAPER_DIMENSIONS, parse_results, write_videos
+from orbitquant.harness.preflight import missing
+from orbitquant.harness.types import Samples
 
 PROMPTS = ["a cat dozing on a sofa", "a red car on the sea"]
 

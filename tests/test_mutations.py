@@ -35,7 +35,7 @@ import torch
 # ---------------------------------------------------------------------------------------------- mutations
 def uniform_codebook(mp: pytest.MonkeyPatch) -> None:
     """Every codebook the layers get has 2^b evenly spaced levels between Lloyd-Max's outermost centroids."""
-    from orbitquant import codebook as cb
+    from orbitquant.quant import codebook as cb
 
     def build(d: int, bits: int, density: str, device: str) -> cb.Codebook:
         c = cb.lloyd_max(d, bits)
@@ -46,15 +46,15 @@ def uniform_codebook(mp: pytest.MonkeyPatch) -> None:
 
 def no_rotation(mp: pytest.MonkeyPatch) -> None:
     """Rotated methods (orbit, hadamard_rtn) draw the identity instead of their rotation."""
-    from orbitquant.methods import base
-    from orbitquant.rotation import IdentityRotation
+    from orbitquant.quant.methods import base
+    from orbitquant.quant.rotation import IdentityRotation
 
     mp.setattr(base, "make_rotation", lambda kind, d, seed=0: IdentityRotation(d))
 
 
 def identity_act_quant(mp: pytest.MonkeyPatch) -> None:
     """OrbitQuant's activation quantizer passes activations through (both its torch path and the fused kernel)."""
-    from orbitquant.nn import OrbitActQuant
+    from orbitquant.quant.nn import OrbitActQuant
 
     mp.setattr(OrbitActQuant, "forward", lambda self, x: x.float())
     mp.setattr(OrbitActQuant, "fused", lambda self, rotation, x, out_dtype=None, flag=None: None)
@@ -75,7 +75,7 @@ def gptq_is_rtn(mp: pytest.MonkeyPatch) -> None:
 def calibration_ignored(mp: pytest.MonkeyPatch) -> None:
     """Collected calibration statistics (SmoothQuant, SVDQuant) are replaced by data-free ones: per-channel absmax 1
     and a reservoir of N(0, 1) tokens -- what the method would assume without calibration data."""
-    from orbitquant.methods.base import CollectingQuantizer
+    from orbitquant.quant.methods.base import CollectingQuantizer
 
     collected = CollectingQuantizer.collected
 

@@ -27,8 +27,8 @@ import torch
 
 import orbitquant as oq
 from baselines.hadamard_rtn import HadamardRTNConfig
-from orbitquant.api import layer_treatment
-from orbitquant.primitives import relative_error
+from orbitquant.quant.api import layer_treatment
+from orbitquant.quant.primitives import relative_error
 
 #: (w_bits, a_bits, max ratio of orbit's errors to the better baseline's, min PSNR gap in dB or None)
 CASES = [(4, 4, 0.95, None), (2, 4, 0.7, 3.0)]
@@ -37,13 +37,14 @@ SAMPLING = dict(n_per_class=2, steps=8, guidance=2.0, batch_size=20, progress=Fa
 
 @functools.cache
 def _digits():
-    from orbitquant.adapters.digits import DigitsAdapter
+    from orbitquant.harness.adapters.digits import DigitsAdapter
 
     adapter = DigitsAdapter()
     return adapter, adapter.load()
 
 
 def configs(w_bits: int, a_bits: int, seed: int) -> dict[str, oq.QuantConfig]:
+    # subset: the headline claim compares OrbitQuant with its two calibration-free controls
     return {"orbit": oq.OrbitConfig(w_bits=w_bits, a_bits=a_bits, seed=seed),
             "hadamard_rtn": HadamardRTNConfig(w_bits=w_bits, a_bits=a_bits, seed=seed),
             "rtn": oq.RTNConfig(w_bits=w_bits, a_bits=a_bits)}
@@ -77,8 +78,8 @@ def quality(cfg: oq.QuantConfig, seed: int, n: int = 64, psnr: bool = False) -> 
     errs = [relative_error(seen[r.fqn][1], den.get_submodule(r.fqn)(seen[r.fqn][0])) for r in targets]
     out = {"layer": sum(errs) / len(errs), "output": relative_error(v_fp, p.velocity(x, t, labels, 2.0))}
     if psnr:
-        from orbitquant.metrics.digits import DigitsContext
-        from orbitquant.registry import METRICS
+        from orbitquant.harness.metrics.digits import DigitsContext
+        from orbitquant.quant.registry import METRICS
 
         ref = adapter.generate(pipe, seed=seed, **SAMPLING)
         out["psnr"] = METRICS.get("psnr_vs_fp")().compute(adapter.generate(p, seed=seed, **SAMPLING), ref,

@@ -1,4 +1,4 @@
-"""The sweep planner (orbitquant/plan/, scripts/plan.py): counts from the configs, CFG forwards checked against the
+"""The sweep planner (orbitquant/harness/plan/, scripts/plan.py): counts from the configs, CFG forwards checked against the
 real pipelines, tokens and FLOPs against the shipped configs and a published number, timing sources, the checklist."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from orbitquant import plan as P
-from orbitquant.plan.checklist import model_needs
-from orbitquant.plan.sweep import _axis_writes, _Composer, _overlap
+from orbitquant.harness import plan as P
+from orbitquant.harness.plan.checklist import model_needs
+from orbitquant.harness.plan.sweep import _axis_writes, _Composer, _overlap
+from orbitquant.quant.registry import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "projection (FLOPs at 40% of measured 679.4 TFLOP/s bf16 GEMM ceiling"
@@ -58,8 +59,9 @@ def test_digits_forwards_and_disk(digits_plan):
     calibrated = [j for j in digits_plan.runs if j.needs_calibration]
     assert len(digits_plan.calibrations) == len(calibrated)  # method config incl. bits and quant_seed: one each
     methods = {j.method for j in calibrated}
-    assert {"smoothquant", "qdit", "svdquant", "ptq4dit"} <= methods
-    assert not methods & {"fp", "rtn", "orbit", "hadamard_rtn"}
+    data_free = {n for n, cls in METHODS.items() if not cls(cls.config_cls()).needs_calibration}
+    assert methods == set(METHODS.names()) - data_free  # every calibrated method of the sweep calibrates, no other
+    assert data_free >= {"fp", "rtn"}
     vq = {j.tag: j.needs_calibration for j in digits_plan.runs if j.method == "vidit_q"}
     assert vq["w8a8"] is False and vq["w4a8"] is True  # plan=auto: W8A8 is the dynamic (calibration-free) plan
     n_cal = 10 * cal["n_per_class"] * cal["steps"] * 2
@@ -75,25 +77,34 @@ def test_digits_checklist_is_all_green(digits_plan):
 
 
 # ---------------------------------------------------------------------------------------------- forwards per family
-TINY = {  # family -> (model config, pipeline kwargs, guidance with CFG, guidance without)
-    "dit": ("tiny_dit", {"class_labels": [1]}, 1.5, 1.0),
-    "wan": ("tiny_wan", {"prompt": ["a cat"], "num_frames": 5, "height": 16, "width": 16, "max_sequence_length": 16},
-            5.0, 1.0),
-    "cogvideox": ("tiny_cogvideox", {"prompt": ["a cat"], "num_frames": 9, "height": 16, "width": 16,
-                                     "max_sequence_length": 16}, 6.0, 1.0),
-    "zimage": ("tiny_zimage", {"prompt": ["a cat"], "height": 32, "width": 32, "max_sequence_length": 16}, 1.0, 0.0),
-    "flux": ("tiny_flux", {"prompt": ["a cat"], "height": 32, "width": 32, "max_sequence_length": 16}, 3.5, 0.0),
-}
+def _diffusers_families() -> list[str]:
+    from orbitquant.harness.adapters.diffusers_base import diffusers_adapters
+
+    return sorted(diffusers_adapters())
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+#: guidance values either side of every CFG threshold a rule can name (> 1, > 0, != 1)
+GUIDANCES = (0.0, 1.0, 1.5)
+
+
+@pytest.mark.parametrize("family", _diffusers_families())
 def test_cfg_rule_matches_the_real_pipeline(family):
-    """The plan's rows and calls per step are what the diffusers pipeline really runs (counted on a tiny one)."""
-    from orbitquant.factory import build_adapter
+    """The plan's rows and calls per step are what the diffusers pipeline really runs (counted on a tiny one, at a
+    guidance on each side of the rule's threshold). Every registered diffusers family, its tiny pipeline called with
+    the adapter's tiny resolution / frames and call kwargs; class-conditional pipelines (no ``prompt``) get a label."""
+    import inspect
 
-    name, kwargs, on, off = TINY[family]
-    pipe = build_adapter({"adapter": family, "name": name, "tiny": True}).build_tiny(0)
+    from orbitquant.quant.registry import MODELS
+
+    cls = MODELS.get(family)
+    pipe = cls(tiny=True).build_tiny(0)
     pipe.set_progress_bar_config(disable=True)
+    cond = {"prompt": ["a cat"]} if "prompt" in inspect.signature(pipe.__call__).parameters else {"class_labels": [1]}
+    size = {k: v for k, v in cls.tiny_generate_kwargs.items() if k in ("height", "width", "num_frames")}
+    kwargs = {**cond, **size, **cls.tiny_call_kwargs}
+    rule = P.cfg_rule(family)
+    if rule.mode != "never":  # the guidances exercise both branches of the rule
+        assert {rule.is_active(g) for g in GUIDANCES} == {True, False}, (family, rule)
     seen = {"rows": 0, "calls": 0}
 
     def hook(_mod, args, kw):
@@ -102,17 +113,40 @@ def test_cfg_rule_matches_the_real_pipeline(family):
         seen["calls"] += 1
 
     pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    for g in (on, off):
+    for g in GUIDANCES:
         seen.update(rows=0, calls=0)
+        # "latent" skips the VAE decode where the pipeline can (DiT decodes anyway and returns numpy)
         pipe(**kwargs, num_inference_steps=1, guidance_scale=g, generator=torch.Generator().manual_seed(0),
-             output_type="pt" if family == "dit" else "latent")
+             output_type="latent")
         assert (seen["rows"], seen["calls"]) == P.forwards_per_step(family, g), (family, g, seen)
 
 
-def test_cfg_rules_agree_with_adapter_layouts():
-    from orbitquant.registry import MODELS
+def test_digits_cfg_rule_matches_its_sampler():
+    """The digits family samples with its own pipeline (not diffusers): its rule counted the same way."""
+    from orbitquant.quant.registry import MODELS
 
-    for family, rule in P.CFG_RULES.items():
+    pipe = MODELS.get("digits")().build_tiny(0)
+    seen = {"rows": 0, "calls": 0}
+
+    def hook(_mod, args, kw):
+        seen["rows"] += args[0].shape[0]
+        seen["calls"] += 1
+
+    pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    for g in GUIDANCES:
+        seen.update(rows=0, calls=0)
+        pipe.sample(torch.zeros(1, 1, pipe.image_size, pipe.image_size), torch.tensor([3]), 1, g)
+        assert (seen["rows"], seen["calls"]) == P.forwards_per_step("digits", g), (g, seen)
+
+
+def test_cfg_rules_agree_with_adapter_layouts(monkeypatch):
+    from orbitquant.quant.registry import MODELS
+
+    rules = P.cfg_rules()
+    assert set(rules) == set(MODELS.names()), "every registered family declares its cfg_rule"
+    assert P.CFG_RULES == rules  # the derived mapping older code reads
+    for family, rule in rules.items():
+        assert rule.evidence, family
         layout = getattr(MODELS.get(family), "cfg_layout", None)
         if rule.mode == "calls":
             assert layout == "calls", family
@@ -121,8 +155,22 @@ def test_cfg_rules_agree_with_adapter_layouts():
     assert P.forwards_per_step("flux", 3.5) == (1, 1)  # FLUX.1-dev: guidance-distilled
     assert P.forwards_per_step("zimage", 0.0) == (1, 1)  # Turbo at guidance 0
     assert P.forwards_per_step("wan", 5.0) == (2, 2)
-    with pytest.raises(P.PlanError, match="CFG_RULES"):
+    with pytest.raises(P.PlanError, match="unknown model 'nosuch'"):
         P.forwards_per_step("nosuch", 2.0)
+    # a family without the planner's facts: the error names the adapter attribute to add, and where
+    cls = MODELS.get("wan")
+    for attr in ("cfg_rule", "plan_geometry", "plan_attention_flops"):
+        monkeypatch.setattr(cls, attr, None if attr == "cfg_rule" else classmethod(lambda *_: None))
+    with pytest.raises(P.PlanError, match=r"add `cfg_rule = CfgRule\(\.\.\.\)` to orbitquant\.harness\.adapters\.wan"):
+        P.forwards_per_step("wan", 5.0)
+    protocol = {"height": 480, "width": 832, "num_frames": 81}
+    with pytest.raises(P.PlanError, match="`plan_geometry` classmethod to orbitquant.harness.adapters.wan.WanAdapter"):
+        P.geometry("wan", "wan21", protocol, 512)
+    from orbitquant.harness.plan.denoiser import Geometry
+
+    geo = Geometry(1, 1, (1, 3, 8, 8), "")
+    with pytest.raises(P.PlanError, match="`plan_attention_flops` classmethod"):
+        P.forward_flops("wan", "wan21", geo)
 
 
 # ---------------------------------------------------------------------------------------------- tokens and FLOPs
@@ -323,9 +371,9 @@ def test_checklist_is_the_preflight_of_every_job_each_item_once(tmp_path, monkey
     import numpy as np
     from hydra import compose, initialize_config_dir
 
-    from orbitquant import preflight
-    from orbitquant.data import prompt_file_need
-    from orbitquant.factory import build_adapter, build_metrics
+    from orbitquant.harness import preflight
+    from orbitquant.harness.data import prompt_file_need
+    from orbitquant.harness.factory import build_adapter, build_metrics
 
     monkeypatch.setenv("ORBITQUANT_HASH_CACHE", str(tmp_path / "sha256.json"))
     ref = tmp_path / "ref.npz"

@@ -1,4 +1,4 @@
-"""Preflight (orbitquant/preflight.py): file hashes against published digests (and their cache), .npz reference keys
+"""Preflight (orbitquant/harness/preflight.py): file hashes against published digests (and their cache), .npz reference keys
 per metric, evaluator interpreters probed, and ``run.py preflight=true`` / a normal run stopping with the checklist
 before anything is loaded or written."""
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from orbitquant import preflight
-from orbitquant.factory import build_metrics
-from orbitquant.metrics.features import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL
-from orbitquant.preflight import Need, cuda_need, dir_need, file_need, hub_prefix, module_need, npz_need
+from orbitquant.harness import preflight
+from orbitquant.harness.factory import build_metrics
+from orbitquant.harness.metrics.features import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL
+from orbitquant.harness.preflight import Need, cuda_need, dir_need, file_need, hub_prefix, module_need, npz_need
 
 ROOT = Path(__file__).resolve().parent.parent
 _sha256 = hashlib.sha256  # the tests' own digests, not counted by ``sha256_calls``
@@ -150,7 +150,7 @@ def test_a_mu_sigma_npz_passes_fid_but_not_sfid_or_precision(tmp_path):
     assert not _needs("precision", reference=str(both))[0].ok
     batch = tmp_path / "batch.npz"
     np.savez(batch, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    for name in ("fid", "sfid", "precision", "recall"):
+    for name in ("fid", "sfid", "precision", "recall"):  # subset: the metrics that read a reference batch
         assert _needs(name, reference=str(batch))[0].ok, name
 
 
@@ -163,7 +163,7 @@ def test_npz_need_reads_the_index_only(tmp_path):
 
 
 def test_wrong_inception_weights_are_a_sha256_mismatch_not_present(tmp_path, monkeypatch):
-    import orbitquant.metrics.inception as inception
+    import orbitquant.harness.metrics.inception as inception
 
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     fake = tmp_path / INCEPTION_FILE
@@ -229,7 +229,7 @@ def test_collect_lists_each_item_once_with_everything_that_needs_it(tmp_path):
 
     w = file_need("weights", tmp_path / "w.pth", "wget w")
     ref = dir_need("reference", tmp_path, "")
-    needs = preflight.collect(None, [M("fid", [w, ref]), M("sfid", [w]), M("isc", [w])])
+    needs = preflight.collect(None, [M("fid", [w, ref]), M("sfid", [w]), M("isc", [w])])  # subset: examples
     assert [(n.what, n.by) for n in needs] == [("weights", ("fid", "sfid", "isc")), ("reference", ("fid",))]
     text = preflight.render(needs)
     assert "1/2 present" in text and text.count("MISSING") == 1 and "[fid, sfid, isc]" in text

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orbitquant.primitives import (
+from orbitquant.quant.primitives import (
     check_bits,
     dequantize_groups,
     fake_quant_uniform,

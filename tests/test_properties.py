@@ -21,9 +21,9 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import orbitquant as oq  # noqa: E402
-from orbitquant.codebook import distortion, get_codebook  # noqa: E402
-from orbitquant.primitives import fake_quant_groups, fake_quant_uniform, pack_codes, qrange, unpack_codes  # noqa: E402
-from orbitquant.rotation import largest_pow2_divisor  # noqa: E402
+from orbitquant.quant.codebook import distortion, get_codebook  # noqa: E402
+from orbitquant.quant.primitives import fake_quant_groups, fake_quant_uniform, pack_codes, qrange, unpack_codes  # noqa: E402
+from orbitquant.quant.rotation import largest_pow2_divisor  # noqa: E402
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
@@ -107,7 +107,7 @@ def test_rtn_and_qdit_layers_keep_shape_dtype_and_finiteness(d, bits, dtype, see
 # ------------------------------------------------------------------------------------------ lower bounds
 def _sphere_half_density(d: int):
     """(mass, first moment) of |Z| on [lo, hi] for a coordinate Z of a uniform unit vector in R^d
-    (Z^2 ~ Beta(1/2, (d-1)/2)); written here independently of orbitquant.codebook."""
+    (Z^2 ~ Beta(1/2, (d-1)/2)); written here independently of orbitquant.quant.codebook."""
     from scipy import special
 
     log_c = math.log(2.0) + special.gammaln(d / 2) - special.gammaln((d - 1) / 2) - 0.5 * math.log(math.pi)
@@ -204,7 +204,7 @@ def test_rotation_cuts_the_error_on_outlier_channels(d, bits, outliers, seed, ro
     """A few channels 30x larger than the rest: unrotated, the unit token is nearly a basis vector, far outside the
     codebook's range; the rotation spreads each outlier over >= 16 coordinates. 8-bit weights, so the comparison
     is of the activation path."""
-    from orbitquant.primitives import relative_error
+    from orbitquant.quant.primitives import relative_error
 
     assert largest_pow2_divisor(d) >= 16
     g = torch.Generator().manual_seed(seed)

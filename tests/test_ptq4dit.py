@@ -20,9 +20,9 @@ from baselines.ptq4dit.quantizers import (
     spearman,
     ssc_weights,
 )
-from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.nn import ChannelScale
-from orbitquant.primitives import relative_error
+from orbitquant.harness.adapters.digits import DigitsAdapter
+from orbitquant.quant.nn import ChannelScale
+from orbitquant.quant.primitives import relative_error
 
 
 def _tokens(n=512, d=64, seed=0, outliers=4, scale=20.0):
@@ -164,7 +164,7 @@ def test_quant_configs_put_reconstruction_beside_the_paper_row():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from orbitquant.factory import build_quant_config
+    from orbitquant.harness.factory import build_quant_config
 
     conf = str((Path(__file__).resolve().parent.parent / "conf").resolve())
     with initialize_config_dir(config_dir=conf, version_base="1.3"):

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import orbitquant as oq
-from orbitquant.codebook import distortion, lloyd_max
-from orbitquant.nn import OrbitWeight
-from orbitquant.primitives import relative_error, sqnr_db
-from orbitquant.registry import METHODS
-from orbitquant.rotation import make_rotation
+from orbitquant.quant.codebook import distortion, lloyd_max
+from orbitquant.quant.nn import OrbitWeight
+from orbitquant.quant.primitives import relative_error, sqnr_db
+from orbitquant.quant.registry import METHODS
+from orbitquant.quant.rotation import make_rotation
 
 
 def _gen(seed: int) -> torch.Generator:

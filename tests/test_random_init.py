@@ -15,11 +15,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from orbitquant.adapters import diffusers_base
-from orbitquant.adapters.random_init import shipped_config
-from orbitquant.factory import build_adapter
-from orbitquant.inventory import ROLE_TABLES, build_meta, meta_inventory
-from orbitquant.registry import MODELS
+from orbitquant.harness.adapters import diffusers_base
+from orbitquant.harness.adapters.random_init import shipped_config
+from orbitquant.harness.factory import build_adapter
+from orbitquant.harness.inventory import build_meta, meta_inventory, role_tables
+from orbitquant.quant.registry import MODELS
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -81,7 +81,7 @@ def test_true_size_build_is_the_shipped_architecture(name):
     assert type(den).__name__ == cfg.pop("_class_name")
     assert {k: _plain(den.config[k]) for k in cfg} == {k: _plain(v) for k, v in cfg.items()}
     inv = meta_inventory(name)
-    assert len(ROLE_TABLES[name].refs(den)) == inv["total"]
+    assert len(role_tables()[name].refs(den)) == inv["total"]
     assert sum(p.numel() for p in den.parameters()) == inv["params"]
     keep = set(type(den)._keep_in_fp32_modules or [])  # from_pretrained's rule: these stay fp32 in a bf16 load
     assert {n: p.dtype for n, p in den.named_parameters()} == \

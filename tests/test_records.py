@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orbitquant.records import RECORD, collect, compact, iter_results, record_name, write_record
+from orbitquant.harness.records import RECORD, collect, compact, iter_results, record_name, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ROOT / "results/tables"

@@ -1,6 +1,6 @@
 """Resume inside a run: a run SIGKILLed while sampling the fp reference, between a shard's write and its commit
 record, and while computing metrics restarts from its last finished shard (or straight at scoring), and its final
-samples and metrics are bit-identical to an uninterrupted run. The kills are aimed (``orbitquant.faults``), not
+samples and metrics are bit-identical to an uninterrupted run. The kills are aimed (``orbitquant.quant.faults``), not
 timed, so each one lands where it is meant to."""
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import linalg, stats
 
-from orbitquant import rotation as rotmod
-from orbitquant.rotation import (
+from orbitquant.quant import rotation as rotmod
+from orbitquant.quant.rotation import (
     ROTATIONS,
     RPBH,
     HaarRotation,
@@ -206,12 +206,12 @@ def test_wrong_last_dim_raises():
 
 def test_small_block_warns(caplog):
     rotmod._warn_small_block.cache_clear()  # the warning is emitted once per (d, h) per process
-    with caplog.at_level(logging.WARNING, logger="orbitquant.rotation"):
+    with caplog.at_level(logging.WARNING, logger="orbitquant.quant.rotation"):
         RPBH(1920)
     assert any("h=128" in r.getMessage() and "d=1920" in r.getMessage() for r in caplog.records)
     caplog.clear()
     rotmod._warn_small_block.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="orbitquant.rotation"):
+    with caplog.at_level(logging.WARNING, logger="orbitquant.quant.rotation"):
         RPBH(3072)  # h=1024 >= 256: no warning
         RPBH(64)    # h == d: a full Hadamard, nothing to warn about
     assert not caplog.records
@@ -263,7 +263,7 @@ def test_rotated_gaussian_marginal_exact_after_normalisation():
 
 @pytest.mark.parametrize("n", [4, 12, 20, 60, 140])
 def test_paley_hadamard_is_a_hadamard_matrix(n):
-    from orbitquant.rotation import paley_hadamard
+    from orbitquant.quant.rotation import paley_hadamard
 
     h = paley_hadamard(n)
     assert set(h.unique().tolist()) == {-1.0, 1.0}
@@ -273,7 +273,7 @@ def test_paley_hadamard_is_a_hadamard_matrix(n):
 
 
 def test_kron_factors_of_real_dims():
-    from orbitquant.rotation import kron_factor
+    from orbitquant.quant.rotation import kron_factor
 
     # FLUX 3072 = 256 x 12, CogVideoX 1920 = 32 x 60, Z-Image 3840 = 64 x 60, Wan FFN 8960 = 64 x 140
     assert {d: kron_factor(d) for d in (96, 384, 1920, 3072, 3840, 8960, 4096)} == {
@@ -286,7 +286,7 @@ def test_cross_block_rotations_match_haar_where_rpbh_falls_short():
     """The rotation study's claim at a small-block dim (d = 1920, h = 128) with outlier channels: the new
     rotations reach dense-Haar W4A4 error (within 5 %) while RPBH does not."""
     import orbitquant as oq
-    from orbitquant.primitives import relative_error
+    from orbitquant.quant.primitives import relative_error
 
     d = 1920
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from orbitquant.factory import build_adapter, build_metrics, build_quant_config
+from orbitquant.harness.factory import build_adapter, build_metrics, build_quant_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -51,7 +51,7 @@ def test_every_eval_composes_and_its_metrics_exist(eval_):
 
 def _stored(run_dir: Path, name: str = "samples") -> torch.Tensor:
     """A run's stored samples (its sample store), all of them, as float32."""
-    from orbitquant.samplestore import SampleSet
+    from orbitquant.harness.samplestore import SampleSet
 
     return torch.cat([x for x, _ in SampleSet.open(run_dir / name).batches(1024)])
 
@@ -91,6 +91,10 @@ def test_end_to_end_run_writes_results_and_rerun_skips(tmp_path):
     p2 = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8"], tmp_path)
     assert (run_dir / "results.json").stat().st_mtime == mtime
     assert "skipping" in p2.stdout + p2.stderr
+    # the same run with another metric list: the stored samples are scored, not sampled again -> scripts/score.py
+    p3 = _run(["eval=smoke", "quant=orbit", "w_bits=4", "a_bits=8", "eval.metrics=[psnr_vs_fp]"], tmp_path, check=False)
+    assert p3.returncode != 0 and f"python scripts/score.py {run_dir}" in p3.stderr and "quant.tag" not in p3.stderr
+    assert (run_dir / "results.json").stat().st_mtime == mtime
 
 
 def test_fp_run_is_bit_exact_against_reference(tmp_path):
@@ -157,7 +161,7 @@ def test_calibrated_run_writes_and_then_reuses_its_calibration_artifact(tmp_path
 
 @pytest.mark.parametrize("calib", _options("calib"))
 def test_every_calib_protocol_fits_some_model_and_loads_its_prompts(calib):
-    from orbitquant.registry import MODELS
+    from orbitquant.quant.registry import MODELS
 
     protocol = OmegaConf.to_container(_compose([f"calib={calib}"]).calib, resolve=True)["protocol"]
     fits = []
@@ -208,7 +212,7 @@ def test_same_config_and_seeds_give_bit_identical_samples_and_metrics(tmp_path):
 
 
 def test_group_check_passes_valid_overrides_and_leaves_hydra_groups_and_sweep_functions_to_hydra():
-    from orbitquant.cli import check_group_overrides, fp_bits_error
+    from orbitquant.harness.cli import check_group_overrides, fp_bits_error
 
     ok = ["quant=orbit,rtn", "+experiment=digits", "bits=null", "quant.alpha=0.5", "w_bits=4", "-m",
           "hydra/launcher=joblib", "seed=range(0,3)", "quant=choice(orbit,rtn)"]
@@ -279,7 +283,7 @@ def test_the_mission_command_reaches_the_weights_check_and_ends_in_one_line(tmp_
 
 
 def test_a_video_run_stored_as_mp4_is_exact_for_fp_and_keeps_each_video_as_one_file(tmp_path):
-    from orbitquant.samplestore import SampleSet
+    from orbitquant.harness.samplestore import SampleSet
 
     _run(["model=tiny_wan", "quant=fp", "eval.store=mp4"], tmp_path)
     run = json.loads(next((tmp_path / "runs").glob("tiny_wan/fp/**/results.json")).read_text())
@@ -295,3 +299,17 @@ def test_a_tiny_model_alone_runs_with_its_own_protocol(tmp_path):
     res = json.loads(next((tmp_path / "runs").glob("tiny_flux/orbit/w4a8/t2i_smoke/q0-s0/results.json")).read_text())
     assert res["config"]["device"] == "cpu" and res["sampling"]["store"] == "float32"
     assert {"load", "reference", "quantize", "sample", "metrics"} <= set(res["timing"]) <= set(res["memory"]) | {"x"}
+
+
+def test_each_multirun_keeps_its_own_sweep_record(tmp_path):
+    """Hydra's multirun.yaml lands in the shared results root (overwritten by the next -m); every sweep also keeps
+    its own under <results_dir>/../sweeps/."""
+    import yaml
+
+    for quant in ("fp", "rtn"):
+        _run(["-m", "eval=smoke", f"quant={quant}", "w_bits=4", "a_bits=8"], tmp_path)
+    records = sorted((tmp_path / "sweeps").glob("*/multirun.yaml"))
+    assert len(records) == 2
+    tasks = [yaml.safe_load(r.read_text())["hydra"]["overrides"]["task"] for r in records]
+    assert sorted("quant=fp" in t for t in tasks) == [False, True] and all("quant=rtn" in t or "quant=fp" in t
+                                                                          for t in tasks)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from orbitquant.samplestore import (
+from orbitquant.harness.samplestore import (
     DiskFull,
     MemorySink,
     SampleSet,
@@ -24,7 +24,7 @@ from orbitquant.samplestore import (
     from_stored,
     to_stored,
 )
-from orbitquant.types import Samples
+from orbitquant.harness.types import Samples
 
 
 def _images(n: int, seed: int = 0, shape=(3, 5, 4)) -> torch.Tensor:
@@ -178,8 +178,8 @@ def test_store_records_are_plain_json_with_checksums(tmp_path):
 
 def test_mp4_store_keeps_the_file_vbench_reads_and_decodes_its_frames(tmp_path):
     pytest.importorskip("imageio_ffmpeg")
-    from orbitquant.metrics.vbench import write_videos
-    from orbitquant.samplestore import encode_mp4
+    from orbitquant.harness.metrics.vbench import write_videos
+    from orbitquant.harness.samplestore import encode_mp4
 
     g = torch.Generator().manual_seed(0)
     clips = (torch.rand(3, 9, 3, 16, 24, generator=g) * 0.2 + torch.linspace(-0.8, 0.8, 24)).clamp(-1, 1)

@@ -35,7 +35,7 @@ def test_slurm_launcher_config_composes_with_partition_and_array_settings():
 
 
 def test_sweep_status_lists_failures_and_exits_nonzero(tmp_path):
-    from orbitquant.rundir import RunDir
+    from orbitquant.harness.rundir import RunDir
 
     ok, bad = RunDir(tmp_path / "a/q0-s0"), RunDir(tmp_path / "b/q0-s0")
     with ok.guard("h1"):
@@ -54,7 +54,7 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_resumes_after_a_kill_and_
 
     import torch
 
-    from orbitquant.samplestore import SampleSet
+    from orbitquant.harness.samplestore import SampleSet
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=2",
@@ -85,7 +85,7 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_resumes_after_a_kill_and_
 
 
 def test_shard_ranges_partition_the_items_in_order():
-    from orbitquant.distributed import shard_range
+    from orbitquant.harness.distributed import shard_range
 
     for n in (0, 1, 7, 10, 501):
         for world in (1, 2, 3, 8):
@@ -99,12 +99,12 @@ def test_shard_ranges_partition_the_items_in_order():
 def test_a_second_process_on_a_held_run_dir_skips_it_and_the_lock_dies_with_its_holder(tmp_path):
     import time
 
-    from orbitquant.rundir import RunDir, RunLocked
+    from orbitquant.harness.rundir import RunDir, RunLocked
 
     run_dir = tmp_path / "runs/digits/orbit/w4a8/smoke/q0-s0"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-        "from orbitquant.rundir import RunDir; r = RunDir(Path(sys.argv[2])); assert r.acquire(); "
+        "from orbitquant.harness.rundir import RunDir; r = RunDir(Path(sys.argv[2])); assert r.acquire(); "
         "(r.path / '.RUNNING').write_text('pid holder'); print('held', flush=True); time.sleep(60)"),
         str(ROOT), str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
@@ -121,7 +121,7 @@ def test_a_second_process_on_a_held_run_dir_skips_it_and_the_lock_dies_with_its_
 
 
 def test_unwritable_results_dir_is_reported_before_any_work(tmp_path):
-    from orbitquant.rundir import RunDir
+    from orbitquant.harness.rundir import RunDir
 
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")

@@ -7,8 +7,8 @@ import torch
 
 import orbitquant as oq
 from baselines.svdquant import SVDQuantConfig, low_rank, smoothing_candidates
-from orbitquant.nn import LowRankQuantLinear
-from orbitquant.primitives import relative_error
+from orbitquant.quant.nn import LowRankQuantLinear
+from orbitquant.quant.primitives import relative_error
 
 
 def _layer_and_tokens(d=256, out=192, seed=0):
@@ -52,7 +52,7 @@ def test_svdquant_beats_rtn_with_outliers_and_the_branch_helps():
 
 
 def test_low_rank_quant_linear_computes_branch_plus_quantized_path():
-    from orbitquant.nn import ChannelScale, DenseWeight, NoActQuant
+    from orbitquant.quant.nn import ChannelScale, DenseWeight, NoActQuant
 
     g = torch.Generator().manual_seed(2)
     w, up, down, lam = (torch.randn(6, 10, generator=g), torch.randn(6, 3, generator=g),
@@ -89,7 +89,7 @@ class _QKV(torch.nn.Module):
         return self.q(x), self.k(2.0 * x if self.split else x), self.v(x)
 
     def refs(self):
-        from orbitquant.types import LayerRef
+        from orbitquant.quant.types import LayerRef
 
         return [LayerRef(n, f"attn.{n}", 0, getattr(self, n)) for n in ("q", "k", "v")]
 
@@ -106,7 +106,7 @@ def _quantize_qkv(share, split=False, d=128, outs=(64, 64, 96)):
 
 
 def test_shared_qkv_one_smoothing_one_down_factor_and_the_runtime_formula():
-    from orbitquant.primitives import fake_quant_groups
+    from orbitquant.quant.primitives import fake_quant_groups
 
     model, report, x = _quantize_qkv(True)
     q, k, v = model.q, model.k, model.v
@@ -177,7 +177,7 @@ class _FFN(torch.nn.Module):
         return self.down(self.hidden(x))
 
     def refs(self):
-        from orbitquant.types import LayerRef
+        from orbitquant.quant.types import LayerRef
 
         return [LayerRef("up", "ff.up", 0, self.up), LayerRef("down", "ff.down", 0, self.down)]
 
@@ -249,7 +249,7 @@ class _FusedOut(torch.nn.Module):
 
 
 def _quantize_fused(**kw):
-    from orbitquant.types import LayerRef
+    from orbitquant.quant.types import LayerRef
 
     model = _FusedOut()
     x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(4))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orbitquant.rundir import RunDir
-from orbitquant.tables import format_summary, load_results, mean_std_table, to_latex
+from orbitquant.harness.rundir import RunDir
+from orbitquant.harness.tables import format_summary, load_results, mean_std_table, to_latex
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def test_rundir_guard_leaves_error_marker(tmp_path):
 def test_cost_table_puts_calibration_beside_quantization_time(tmp_path):
     import json
 
-    from orbitquant.tables import cost_table, load_costs
+    from orbitquant.harness.tables import cost_table, load_costs
 
     def write(method, tag, seed, seconds, cal):
         d = tmp_path / f"digits/{method}/{tag}/digits/q{seed}-s{seed}"
@@ -122,8 +122,8 @@ def test_every_experiment_composes_and_its_table_spec_is_valid(name):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from orbitquant.factory import build_adapter, build_metrics
-    from orbitquant.registry import METHODS
+    from orbitquant.harness.factory import build_adapter, build_metrics
+    from orbitquant.quant.registry import METHODS
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
@@ -150,7 +150,7 @@ def test_every_experiment_composes_and_its_table_spec_is_valid(name):
 
 
 def test_paper_columns_sit_beside_ours_joined_on_method_and_bits(tmp_path):
-    from orbitquant.tables import with_paper
+    from orbitquant.harness.tables import with_paper
 
     for seed, v in enumerate([20.0, 22.0]):
         _fake_result(tmp_path, "orbit", seed, v)
@@ -165,7 +165,7 @@ def test_paper_columns_sit_beside_ours_joined_on_method_and_bits(tmp_path):
 
 
 def test_metric_vs_bits_plot_is_written(tmp_path):
-    from orbitquant.viz import plot_metric_vs_bits
+    from orbitquant.harness.viz import plot_metric_vs_bits
 
     for seed, v in enumerate([20.0, 22.0]):
         _fake_result(tmp_path, "orbit", seed, v)

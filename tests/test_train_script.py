@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orbitquant.adapters.digits import DigitsAdapter
-from orbitquant.metrics.digits_net import load_classifier
+from orbitquant.harness.adapters.digits import DigitsAdapter
+from orbitquant.harness.metrics.digits_net import load_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from orbitquant.codebook import get_codebook
-from orbitquant.nn import OrbitActQuant, OrbitWeight
-from orbitquant.rotation import RPBH
+from orbitquant.quant.codebook import get_codebook
+from orbitquant.quant.nn import OrbitActQuant, OrbitWeight
+from orbitquant.quant.rotation import RPBH
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' brings it)")
 from orbitquant.kernels import triton_orbit as T  # noqa: E402
@@ -113,7 +113,7 @@ def test_split_block_is_a_kronecker_factorisation():
         assert a * b == h and a >= 16 and b >= a
         ha, hb = T._sylvester(a, "cpu"), T._sylvester(b, "cpu")
         x = torch.randn(3, h, dtype=torch.float64)
-        from orbitquant.rotation import fwht
+        from orbitquant.quant.rotation import fwht
         # H_h = H_A kron H_B: row-major (A, B) blocks transform as H_A X H_B
         got = (ha.double() @ x.view(3, a, b) @ hb.double()).reshape(3, h)
         torch.testing.assert_close(got, fwht(x, h))
@@ -129,7 +129,7 @@ gpu = pytest.mark.gpu
 def test_gpu_kernels_and_layer(d, bits):
     import copy
 
-    from orbitquant.nn import QuantLinear
+    from orbitquant.quant.nn import QuantLinear
 
     x, rot, cb = _case(d, bits, rows=64, seed=d)
     rotc, cbc = copy.deepcopy(rot).cuda(), get_codebook(d, bits, device="cuda")
@@ -148,7 +148,7 @@ def test_gpu_kernels_and_layer(d, bits):
     w = torch.randn(256, d, generator=g) / math.sqrt(d)
     st = OrbitWeight(None, cb, weight=w, rotation=rot)
     st_gpu = OrbitWeight(None, cbc, weight=w.cuda(), rotation=rotc)  # quantized on the GPU
-    idx = lambda s: __import__("orbitquant.primitives", fromlist=["x"]).unpack_codes(s.codes.cpu(), bits, w.numel())
+    idx = lambda s: __import__("orbitquant.quant.primitives", fromlist=["x"]).unpack_codes(s.codes.cpu(), bits, w.numel())
     assert float((idx(st) != idx(st_gpu)).float().mean()) < 1e-3
     ref_layer = QuantLinear(st, torch.randn(256, generator=g), OrbitActQuant(cb), rot, compute_dtype=torch.float32)
     y_ref = ref_layer(x).double()
@@ -165,8 +165,8 @@ def test_gpu_kernels_and_layer(d, bits):
 @gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_gpu_nonfinite_is_checked_once_per_denoiser_call():
-    from orbitquant.calib import denoiser_call
-    from orbitquant.nn import _DEFERRED, NonFiniteInput, QuantLinear
+    from orbitquant.quant.calib import denoiser_call
+    from orbitquant.quant.nn import _DEFERRED, NonFiniteInput, QuantLinear
 
     d = 1024
     rot, cb = RPBH(d, warn=False), get_codebook(d, 4)

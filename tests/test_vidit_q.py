@@ -21,9 +21,9 @@ from baselines.vidit_q.layers import (
     current_timestep,
     timestep_value,
 )
-from orbitquant.api import quantizer_for
-from orbitquant.calib import DenoiserCall, denoiser_call
-from orbitquant.types import LayerRef
+from orbitquant.quant.api import quantizer_for
+from orbitquant.quant.calib import DenoiserCall, denoiser_call
+from orbitquant.quant.types import LayerRef
 
 
 def _fq(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -266,7 +266,7 @@ def test_static_dynamic_transform_cancels_unquantized_and_runs_quantized():
         model, refs = _model()
         oq.quantize_(model, ViDiTQConfig(plan=plan, w_bits=4, a_bits=4), refs,
                      calibrate=_calibrate(model, calib_steps, 4))
-        errs[plan] = oq.primitives.relative_error(ref_out, model(x))
+        errs[plan] = oq.quant.primitives.relative_error(ref_out, model(x))
     assert errs["static_dynamic"] < errs["dynamic"], errs  # outlier channels: scaling + rotation help
 
 

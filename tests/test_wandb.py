@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from orbitquant.wandb_log import mirror, resolve_mode, run_names
+from orbitquant.harness.wandb_log import mirror, resolve_mode, run_names
 
 pytest.importorskip("wandb")
 
@@ -45,11 +45,31 @@ def test_names_group_seeds_together_and_auto_mode_needs_a_key(monkeypatch):
         resolve_mode("dryrun-ish")
 
 
+def test_auto_mode_follows_wandb_mode_and_a_stored_login(monkeypatch, tmp_path):
+    """W&B's own rules: WANDB_MODE first, then a key in the environment or stored by `wandb login` (netrc)."""
+    assert resolve_mode("auto") == "offline"
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir(parents=True, exist_ok=True)
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert resolve_mode("auto") == "online"  # `wandb login` stored it; no WANDB_API_KEY
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert resolve_mode("auto") == "offline"  # a key for another host does not count
+    monkeypatch.delenv("WANDB_BASE_URL")
+    for env, mode in (("offline", "offline"), ("dryrun", "offline"), ("disabled", "disabled"), ("online", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        assert resolve_mode("auto") == mode
+    assert resolve_mode("offline") == "offline"  # an explicit logger.mode wins
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE"):
+        resolve_mode("auto")
+
+
 def test_offline_mirror_logs_summary_samples_plot_and_artifact_under_logger_dir(tmp_path):
     import wandb
 
     res, run_dir = _results(tmp_path)
-    from orbitquant.viz import plot_layer_errors
+    from orbitquant.harness.viz import plot_layer_errors
 
     plot_layer_errors([{"role": "attn.q", "treatment": "orbit w4a8", "rel_err": 0.1}], run_dir / "layer_error.png")
     out = mirror(res, run_dir, {"name": "wandb", "mode": "auto", "dir": str(tmp_path / "wb"), "max_images": 5})
@@ -75,7 +95,7 @@ def test_a_failing_wandb_never_fails_the_run(tmp_path, monkeypatch, caplog):
         raise RuntimeError("server unreachable")
 
     monkeypatch.setattr(wandb, "init", boom)
-    monkeypatch.setattr("orbitquant.wandb_log._warned", set())
+    monkeypatch.setattr("orbitquant.harness.wandb_log._warned", set())
     with caplog.at_level(logging.WARNING):
         assert mirror(res, run_dir, {"name": "wandb", "mode": "offline", "dir": str(tmp_path / "wb")}) is None
     assert "results.json is complete on disk" in caplog.text

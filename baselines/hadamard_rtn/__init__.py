@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orbitquant.config import QuantConfig, check_rotation, check_symmetric_bits
-from orbitquant.methods.base import RotatedQuantizer
-from orbitquant.nn import QuantLinear, uniform_act, uniform_store
-from orbitquant.registry import register_method
-from orbitquant.types import LayerRef
+from orbitquant.quant.config import QuantConfig, check_rotation, check_symmetric_bits
+from orbitquant.quant.methods.base import RotatedQuantizer
+from orbitquant.quant.nn import QuantLinear, uniform_act, uniform_store
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.types import LayerRef
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class HadamardRTNConfig(QuantConfig):
         check_symmetric_bits(self)
 
 
-@register_method("hadamard_rtn")
+@register_method
 class HadamardRTNQuantizer(RotatedQuantizer):
     config_cls = HadamardRTNConfig
 

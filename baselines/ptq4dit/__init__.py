@@ -17,35 +17,29 @@
 
 Statistics are computed on fp activations during the shared calibration pipeline (the model's own
 sampler); ``timesteps`` restricts them (and the reconstruction data) to that many evenly spaced steps.
+
+This module is the registered quantizer (balancing, range fits, the reconstruction driver, artifacts) and
+re-exports the names other code imports from ``baselines.ptq4dit``; ``config.py`` holds the config,
+``calib.py`` the step-restricted recorders, ``quantizers.py`` the CSB/SSC maths and the quantizers,
+``recon.py`` the AdaRound / BRECQ optimisation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from orbitquant.calib import (
-    ActivationCollector,
-    InputRecorder,
-    Record,
-    _batch_of,
-    _take,
-    current_call,
-    split_halves,
-)
-from orbitquant.config import QuantConfig
-from orbitquant.methods.base import Quantizer
-from orbitquant.nn import ChannelScale, DenseWeight, NoActQuant, QuantLinear
-from orbitquant.registry import register_method
-from orbitquant.types import ROLES, LayerRef
+from orbitquant.quant.methods.base import Quantizer
+from orbitquant.quant.nn import ChannelScale, DenseWeight, NoActQuant, QuantLinear
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.types import LayerRef
 
+from .calib import StepCollector, StepRecorder, selected_steps
+from .config import BALANCED_ROLES, SSC_MODES, PTQ4DiTConfig
 from .quantizers import (
-    PERCENTILES,
     AffineWeight,
     StaticAffineActQuant,
     affine_params,
@@ -55,152 +49,11 @@ from .quantizers import (
 )
 from .recon import RoundingLinear, clone_tree, reconstruct, tensors_of, unit_error
 
+#: what other code imports from ``baselines.ptq4dit`` (the config and calibration live in submodules)
+__all__ = ["BALANCED_ROLES", "SSC_MODES", "PTQ4DiTConfig", "PTQ4DiTQuantizer", "StepCollector", "StepRecorder",
+           "selected_steps"]
+
 log = logging.getLogger(__name__)
-
-#: CSB targets (paper: Projection1 = qkv, Projection2 = attention out-proj, FC1; never FC2 = ff.down)
-BALANCED_ROLES = ("attn.q", "attn.k", "attn.v", "ctx.q", "ctx.k", "ctx.v", "attn.out", "ctx.out",
-                  "ff.up", "ff.gate", "ctx.ff.up")
-SSC_MODES = ("timestep", "sample", "max")
-
-
-@dataclass(frozen=True)
-class PTQ4DiTConfig(QuantConfig):
-    method: ClassVar[str] = "ptq4dit"
-    csb: bool = True                   # channel-wise salience balancing (false: the paper's "Baseline")
-    ssc: str = "timestep"              # timestep (paper) | sample (official code) | max (CSB without SSC)
-    balance_roles: tuple[str, ...] = BALANCED_ROLES
-    timesteps: int | None = None       # None: every sampler step; n: n evenly spaced steps (paper: 25)
-    ssc_samples: int = 2               # ssc=sample: samples per (step, CFG half) (code: 4 per step)
-    percentiles: tuple[float, ...] = PERCENTILES
-    minmax_candidate: bool = False     # true: also score plain min/max (ablation; the code scores percentiles only)
-    reservoir: int = 2048              # calibration tokens per layer for the activation range search
-    recon_iters: int = 0               # 0: no reconstruction (tag *-norecon); code: 20000 per block
-                                       # (conf/quant/ptq4dit_recon.yaml)
-    recon_unit: str = "block"          # block (BRECQ, PTQ4DiT) | layer
-    recon_rows: int = 4                # denoiser inputs kept per (step, CFG half) for reconstruction
-    recon_batch: int = 32
-    recon_weight: float = 0.01         # AdaRound rounding-regulariser weight
-    recon_b_range: tuple[float, float] = (20.0, 2.0)
-    recon_warmup: float = 0.2
-    recon_lr: float = 4e-5             # activation step sizes (Adam, cosine); the code's effective value
-    recon_w_lr: float = 1e-3           # rounding logits (Adam default, as upstream)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("balance_roles", "percentiles", "recon_b_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        bad = [r for r in self.balance_roles if r not in ROLES]
-        if bad:
-            raise ValueError(f"unknown roles in balance_roles: {bad}; valid roles: {', '.join(ROLES)}")
-        if self.ssc not in SSC_MODES:
-            raise ValueError(f"ssc must be one of {SSC_MODES}, got {self.ssc!r}")
-        if self.recon_unit not in ("block", "layer"):
-            raise ValueError(f"recon_unit must be 'block' or 'layer', got {self.recon_unit!r}")
-        if not all(0.5 < p < 1 for p in self.percentiles):
-            raise ValueError("percentiles must lie in (0.5, 1)")
-        if not self.percentiles and not self.minmax_candidate:
-            raise ValueError("the range search needs percentiles or minmax_candidate: true")
-        if self.timesteps is not None and self.timesteps < 1:
-            raise ValueError("timesteps must be >= 1 (or null for every step)")
-        if min(self.ssc_samples, self.reservoir, self.recon_rows, self.recon_batch) < 1 or self.recon_iters < 0:
-            raise ValueError("ssc_samples, reservoir, recon_rows and recon_batch must be >= 1, recon_iters >= 0")
-        if len(self.recon_b_range) != 2 or not 0 <= self.recon_warmup < 1:
-            raise ValueError("recon_b_range is (start, end) and recon_warmup in [0, 1)")
-
-
-def selected_steps(n_steps: int, n: int | None) -> set[int]:
-    """``n`` evenly spaced indices of ``n_steps`` sampler steps (all when ``n`` is None or >= n_steps; the
-    middle step when ``n == 1``, the paper's T/2 ablation)."""
-    if n is None or n >= n_steps:
-        return set(range(n_steps))
-    if n == 1:
-        return {n_steps // 2}
-    return {round(i * (n_steps - 1) / (n - 1)) for i in range(n)}
-
-
-def _step_selected(n: int | None) -> bool:
-    call = current_call()
-    return n is None or call is None or call.n_steps is None or call.step in selected_steps(call.n_steps, n)
-
-
-@dataclass
-class StepCollector(ActivationCollector):
-    """``ActivationCollector`` restricted to the selected steps; with ``per_sample`` it also keeps the
-    per-sample absmax (max over tokens) of the first ``per_sample`` rows per (step, CFG half)."""
-
-    timesteps: int | None = None
-    per_sample: int = 0
-    sample_absmax: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._counts: dict[tuple[str, int, str], int] = {}
-
-    def _observe(self, fqn: str, x: torch.Tensor) -> None:
-        if not _step_selected(self.timesteps):
-            return
-        super()._observe(fqn, x)
-        if not self.per_sample:
-            return
-        call = current_call()
-        step = call.step if call else -1
-        for half, part in split_halves(x.detach().float(), call):
-            key = (fqn, step, half)
-            need = self.per_sample - self._counts.get(key, 0)
-            if need <= 0:
-                continue
-            d = part.shape[-1]
-            rows = part.reshape(part.shape[0], -1, d) if part.dim() >= 3 else part.reshape(1, -1, d)
-            amax = rows[:need].abs().amax(dim=1).cpu()
-            self.sample_absmax.setdefault(fqn, []).extend(amax)
-            self._counts[key] = self._counts.get(key, 0) + len(amax)
-
-
-@dataclass
-class StepRecorder(InputRecorder):
-    """Denoiser inputs for reconstruction: up to ``per_half`` rows per (selected step, CFG half), one random
-    row per half per denoiser call (so the rows spread over trajectory batches); a call without sampler
-    information (no ``DenoiserCall``) gives its first rows."""
-
-    per_half: int = 4
-    timesteps: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._counts: dict[tuple[int, str], int] = {}
-
-    def _hook(self, _mod, args, kwargs) -> None:
-        if not _step_selected(self.timesteps):
-            return
-        call, batch = current_call(), _batch_of(args, kwargs)
-        if batch is None:
-            return
-        k = len(call.halves) if call else 1
-        if batch % k:
-            k = 1
-        chunk = batch // k
-        names = call.halves if call and k > 1 else (call.halves[0] if call else "all",)
-        step = call.step if call else -1
-        picks = []
-        for i, half in enumerate(names):
-            need = self.per_half - self._counts.get((step, half), 0)
-            if need <= 0:
-                continue
-            if call is None:
-                rows = torch.arange(min(need, chunk))
-            else:
-                rows = torch.randint(chunk, (1,), generator=self._gen)
-            picks.append(rows + i * chunk)
-            self._counts[(step, half)] = self._counts.get((step, half), 0) + len(rows)
-        if not picks:
-            return
-        rows = torch.cat(picks)
-        taken_args = [_take(a, batch, rows) for a in args]
-        taken_kw = {key: _take(v, batch, rows) for key, v in kwargs.items()}
-        batched = {i for i, (_, b) in enumerate(taken_args) if b} | {key for key, (_, b) in taken_kw.items() if b}
-        self.records.append(Record(tuple(v for v, _ in taken_args), {key: v for key, (v, _) in taken_kw.items()},
-                                   frozenset(batched), len(rows)))
 
 
 class _Stop(Exception):
@@ -228,7 +81,7 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-@register_method("ptq4dit")
+@register_method
 class PTQ4DiTQuantizer(Quantizer):
     config_cls = PTQ4DiTConfig
     needs_calibration = True

@@ -19,7 +19,7 @@
   A group larger than a layer's input dim means per token / per row.
 
 Calibration (GPTQ only): ``n_calib`` conditional denoiser inputs from the model's own sampler, each
-trajectory contributing its input at one random step (``orbitquant.calib.InputRecorder``).
+trajectory contributing its input at one random step (``orbitquant.quant.calib.InputRecorder``).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from orbitquant.calib import InputRecorder
-from orbitquant.config import QuantConfig, check_symmetric_bits
-from orbitquant.methods.base import Quantizer
-from orbitquant.nn import DenseWeight, GroupActQuant, GroupUniformWeight, NoActQuant, QuantLinear
-from orbitquant.registry import register_method
-from orbitquant.types import LayerRef
+from orbitquant.quant.calib import InputRecorder
+from orbitquant.quant.config import QuantConfig, check_symmetric_bits
+from orbitquant.quant.methods.base import Quantizer
+from orbitquant.quant.nn import DenseWeight, GroupActQuant, GroupUniformWeight, NoActQuant, QuantLinear
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.types import LayerRef
 
 from .gptq import gptq_quantize, rtn_groups
 
@@ -93,7 +93,7 @@ class _BlockDone(Exception):
     """Raised by a Hessian hook once every layer of the block has been seen: the rest of the forward is moot."""
 
 
-@register_method("qdit")
+@register_method
 class QDiTQuantizer(Quantizer):
     config_cls = QDiTConfig
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
-from orbitquant.types import LayerRef
+from orbitquant.quant.types import LayerRef
 
 from . import GROUP_SPACE
 

@@ -24,12 +24,12 @@ from typing import ClassVar
 
 import torch
 
-from orbitquant.config import QuantConfig
-from orbitquant.methods.base import CollectingQuantizer
-from orbitquant.nn import ChannelScale, QuantLinear, StaticUniformActQuant, uniform_act, uniform_store
-from orbitquant.primitives import relative_error
-from orbitquant.registry import register_method
-from orbitquant.types import LayerRef
+from orbitquant.quant.config import QuantConfig
+from orbitquant.quant.methods.base import CollectingQuantizer
+from orbitquant.quant.nn import ChannelScale, QuantLinear, StaticUniformActQuant, uniform_act, uniform_store
+from orbitquant.quant.primitives import relative_error
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.types import LayerRef
 
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -67,7 +67,7 @@ class SmoothQuantConfig(QuantConfig):
             raise ValueError("smoothquant uses symmetric RTN: w_bits and a_bits must be >= 2")
 
 
-@register_method("smoothquant")
+@register_method
 class SmoothQuantQuantizer(CollectingQuantizer):
     config_cls = SmoothQuantConfig
 

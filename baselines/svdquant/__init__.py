@@ -56,13 +56,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from orbitquant.calib import ActivationCollector
-from orbitquant.config import QuantConfig
-from orbitquant.methods.base import CollectingQuantizer
-from orbitquant.nn import ActQuantizer, ChannelScale, GroupActQuant, GroupWeight, LowRankQuantLinear, NonFiniteInput
-from orbitquant.primitives import dequantize_groups, fake_quant_groups, quantize_groups
-from orbitquant.registry import register_method
-from orbitquant.types import LayerRef
+from orbitquant.quant.calib import ActivationCollector
+from orbitquant.quant.config import QuantConfig
+from orbitquant.quant.methods.base import CollectingQuantizer
+from orbitquant.quant.nn import (
+    ActQuantizer,
+    ChannelScale,
+    GroupActQuant,
+    GroupWeight,
+    LowRankQuantLinear,
+    NonFiniteInput,
+)
+from orbitquant.quant.primitives import dequantize_groups, fake_quant_groups, quantize_groups
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.types import LayerRef
 
 
 @dataclass(frozen=True)
@@ -244,7 +251,7 @@ def _output_error(y: torch.Tensor, x_s: torch.Tensor, x_q: torch.Tensor, lr: tor
     return ((y - (x_s @ lr.T + x_q @ q.T)).norm() / y.norm()).item()
 
 
-@register_method("svdquant")
+@register_method
 class SVDQuantQuantizer(CollectingQuantizer):
     config_cls = SVDQuantConfig
 

@@ -33,13 +33,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from orbitquant.calib import current_call
-from orbitquant.config import QuantConfig, check_rotation
-from orbitquant.methods.base import Quantizer
-from orbitquant.nn import ChannelScale, NoActQuant, QuantLinear, uniform_store
-from orbitquant.registry import register_method
-from orbitquant.rotation import make_rotation
-from orbitquant.types import ROLES, LayerRef
+from orbitquant.quant.calib import current_call
+from orbitquant.quant.config import QuantConfig, check_rotation
+from orbitquant.quant.methods.base import Quantizer
+from orbitquant.quant.nn import ChannelScale, NoActQuant, QuantLinear, uniform_store
+from orbitquant.quant.registry import register_method
+from orbitquant.quant.rotation import make_rotation
+from orbitquant.quant.types import ROLES, LayerRef
 
 from .layers import (
     ScheduledQuantLinear,
@@ -157,7 +157,7 @@ class ActScaleEMA:
         self._hooks.clear()
 
 
-@register_method("vidit_q")
+@register_method
 class ViDiTQQuantizer(Quantizer):
     config_cls = ViDiTQConfig
 

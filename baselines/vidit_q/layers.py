@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orbitquant.calib import DenoiserCall, current_call
-from orbitquant.nn import ActQuantizer, NonFiniteInput, QuantLinear, WeightStore
-from orbitquant.primitives import qrange
-from orbitquant.rotation import Rotation
+from orbitquant.quant.calib import DenoiserCall, current_call
+from orbitquant.quant.nn import ActQuantizer, NonFiniteInput, QuantLinear, WeightStore
+from orbitquant.quant.primitives import qrange
+from orbitquant.quant.rotation import Rotation
 
 #: p used when no denoiser call (or no ``n_steps``) is published
 DEFAULT_POSITION = 0.5
@@ -223,7 +223,7 @@ class SmoothRotate(nn.Module):
 
 class ScheduledQuantLinear(QuantLinear):
     """A ``QuantLinear`` with several (weight store, input transform) variants, chosen per denoiser call by a
-    :class:`StepSchedule` from :func:`orbitquant.calib.current_call`.
+    :class:`StepSchedule` from :func:`orbitquant.quant.calib.current_call`.
 
     The variants live in ``stores`` / ``transforms`` (each saved once in the state dict); ``store`` and
     ``rotation``, which ``QuantLinear`` uses, are unregistered aliases of the active variant's. Only the

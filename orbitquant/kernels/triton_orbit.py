@@ -7,7 +7,7 @@ h = A * B (both powers of two, >= 16) the Sylvester Hadamard matrix factors as `
 block viewed row-major as an (A, B) matrix X transforms as ``H_A @ X @ H_B`` (two small ``tl.dot`` s).
 The token norm is taken on the input (the rotation is orthogonal, so it is the rotated norm up to fp32
 rounding); the codebook search is a b-step binary search over the midpoint thresholds, which returns
-``#{t < u}`` exactly as ``torch.bucketize`` and :meth:`orbitquant.codebook.Codebook.encode` do.
+``#{t < u}`` exactly as ``torch.bucketize`` and :meth:`orbitquant.quant.codebook.Codebook.encode` do.
 
 ``lut_gemm``: ``y = a @ (n * C[codes]).T + bias`` straight from the packed codes (2, 4 or 8 bits, our
 little-endian stream, which for byte-aligned widths is a row-major (N, K * bits / 8) uint8 matrix): each
