@@ -43,10 +43,12 @@ sys.path.insert(0, str(ROOT))
 from render_records import render_file, write_tables  # noqa: E402  (scripts/render_records.py)
 
 from orbitquant.kernels import triton_orbit as T  # noqa: E402
+from orbitquant.quant.act import OrbitActQuant  # noqa: E402
 from orbitquant.quant.calib import denoiser_call  # noqa: E402
 from orbitquant.quant.codebook import distortion, get_codebook  # noqa: E402
-from orbitquant.quant.nn import OrbitActQuant, OrbitWeight, QuantLinear  # noqa: E402
+from orbitquant.quant.nn import QuantLinear  # noqa: E402
 from orbitquant.quant.rotation import RPBH  # noqa: E402
+from orbitquant.quant.weights import OrbitWeight  # noqa: E402
 
 #: FLUX.1 [dev] linears (hidden 3072, MLP 12288; single-stream blocks project 3072 + 12288 = 15360 back)
 SHAPES = {"attn q/k/v/out 3072->3072": (3072, 3072), "mlp fc1 3072->12288": (3072, 12288),

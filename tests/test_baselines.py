@@ -172,7 +172,7 @@ def _smoothquant_block(**kw):
 
 def test_smoothquant_smooths_only_qkv_and_ffn_up_by_default():
     """Upstream (smooth_lm) smooths q/k/v and fc1 only; out_proj and fc2 are quantized unsmoothed."""
-    from orbitquant.quant.nn import ChannelScale
+    from orbitquant.quant.act import ChannelScale
 
     block, report = _smoothquant_block()
     for name in ("q", "k", "v", "up"):
@@ -223,8 +223,9 @@ def test_rtn_g64_control_uses_svdquants_number_format_without_its_transform():
     from omegaconf import OmegaConf
 
     from orbitquant.harness.factory import build_quant_config
-    from orbitquant.quant.nn import GroupActQuant, GroupWeight
+    from orbitquant.quant.act import GroupActQuant
     from orbitquant.quant.primitives import fake_quant_groups
+    from orbitquant.quant.weights import GroupWeight
 
     conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -133,7 +133,7 @@ def test_nan_reaching_a_quantized_layer_names_the_layer_and_the_sampler_step():
     import pytest
 
     import orbitquant as oq
-    from orbitquant.quant.nn import NonFiniteInput
+    from orbitquant.quant.act import NonFiniteInput
 
     m = torch.nn.Sequential(torch.nn.Linear(8, 4))
     oq.quantize_(m, oq.OrbitConfig())

@@ -6,19 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orbitquant.quant.act import GroupActQuant, NoActQuant, OrbitActQuant, UniformActQuant
 from orbitquant.quant.api import QuantReport, quantize_
 from orbitquant.quant.config import OrbitConfig, RTNConfig
-from orbitquant.quant.nn import (
-    GroupActQuant,
-    GroupWeight,
-    LowRankQuantLinear,
-    NoActQuant,
-    OrbitActQuant,
-    QuantLinear,
-    UniformActQuant,
-    UniformWeight,
-)
+from orbitquant.quant.nn import LowRankQuantLinear, QuantLinear
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import GroupWeight, UniformWeight
 
 
 def test_activation_side_information_per_element():

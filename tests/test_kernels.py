@@ -12,10 +12,11 @@ from torch import nn
 
 import orbitquant as oq
 from orbitquant.kernels import orbit_cpu
+from orbitquant.quant.act import OrbitActQuant
 from orbitquant.quant.codebook import get_codebook
-from orbitquant.quant.nn import OrbitActQuant, OrbitWeight
 from orbitquant.quant.primitives import pack_codes, unpack_codes
 from orbitquant.quant.rotation import make_rotation
+from orbitquant.quant.weights import OrbitWeight
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_fused_path_reports_non_finite_tokens(kernel):
     rot, act = make_rotation("rpbh", d, 0), OrbitActQuant(get_codebook(d, 4))
     x = torch.randn(4, d)
     x[2, 7] = float("nan")
-    with pytest.raises(oq.quant.nn.NonFiniteInput):
+    with pytest.raises(oq.quant.act.NonFiniteInput):
         act.fused(rot, x)
 
 
@@ -188,8 +189,8 @@ def test_compact_layers_share_the_decode_workspace_but_not_under_autograd(kernel
     with torch.no_grad():
         ys = [c(x) for c in compact]
         assert all(torch.equal(y, f(x)) for y, f in zip(ys, fast))
-    assert oq.quant.nn.decode_workspace_bytes() >= d * d * torch.finfo(dtype).bits // 8
-    layer, ws = compact[0][0], oq.quant.nn._WORKSPACE.bufs[dtype]
+    assert oq.quant.weights.decode_workspace_bytes() >= d * d * torch.finfo(dtype).bits // 8
+    layer, ws = compact[0][0], oq.quant.weights._WORKSPACE.bufs[dtype]
     with torch.no_grad():
         assert layer._dense_weight(x).data_ptr() == ws.data_ptr()
     kept = layer._dense_weight(x.clone().requires_grad_(True))

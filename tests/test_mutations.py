@@ -54,7 +54,7 @@ def no_rotation(mp: pytest.MonkeyPatch) -> None:
 
 def identity_act_quant(mp: pytest.MonkeyPatch) -> None:
     """OrbitQuant's activation quantizer passes activations through (both its torch path and the fused kernel)."""
-    from orbitquant.quant.nn import OrbitActQuant
+    from orbitquant.quant.act import OrbitActQuant
 
     mp.setattr(OrbitActQuant, "forward", lambda self, x: x.float())
     mp.setattr(OrbitActQuant, "fused", lambda self, rotation, x, out_dtype=None, flag=None: None)

@@ -21,7 +21,7 @@ from baselines.ptq4dit.quantizers import (
     ssc_weights,
 )
 from orbitquant.harness.adapters.digits import DigitsAdapter
-from orbitquant.quant.nn import ChannelScale
+from orbitquant.quant.act import ChannelScale
 from orbitquant.quant.primitives import relative_error
 
 

@@ -12,8 +12,9 @@ import orbitquant as oq
 from baselines.qdit import QDiTConfig, QDiTQuantizer
 from baselines.qdit.gptq import gptq_quantize, hessian, rtn_groups
 from orbitquant.harness.adapters.digits import DigitsAdapter
-from orbitquant.quant.nn import GroupActQuant, GroupUniformWeight
+from orbitquant.quant.act import GroupActQuant
 from orbitquant.quant.primitives import fake_quant_groups, fake_quant_uniform
+from orbitquant.quant.weights import GroupUniformWeight
 
 
 def test_group_activation_quant_is_per_token_per_group_with_a_ragged_tail():

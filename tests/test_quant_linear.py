@@ -12,10 +12,10 @@ from torch import nn
 
 import orbitquant as oq
 from orbitquant.quant.codebook import distortion, lloyd_max
-from orbitquant.quant.nn import OrbitWeight
 from orbitquant.quant.primitives import relative_error, sqnr_db
 from orbitquant.quant.registry import METHODS
 from orbitquant.quant.rotation import make_rotation
+from orbitquant.quant.weights import OrbitWeight
 
 
 def _gen(seed: int) -> torch.Generator:

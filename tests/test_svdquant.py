@@ -52,7 +52,8 @@ def test_svdquant_beats_rtn_with_outliers_and_the_branch_helps():
 
 
 def test_low_rank_quant_linear_computes_branch_plus_quantized_path():
-    from orbitquant.quant.nn import ChannelScale, DenseWeight, NoActQuant
+    from orbitquant.quant.act import ChannelScale, NoActQuant
+    from orbitquant.quant.weights import DenseWeight
 
     g = torch.Generator().manual_seed(2)
     w, up, down, lam = (torch.randn(6, 10, generator=g), torch.randn(6, 3, generator=g),

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
+from orbitquant.quant.act import OrbitActQuant
 from orbitquant.quant.codebook import get_codebook
-from orbitquant.quant.nn import OrbitActQuant, OrbitWeight
 from orbitquant.quant.rotation import RPBH
+from orbitquant.quant.weights import OrbitWeight
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' brings it)")
 from orbitquant.kernels import triton_orbit as T  # noqa: E402
@@ -165,8 +166,9 @@ def test_gpu_kernels_and_layer(d, bits):
 @gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_gpu_nonfinite_is_checked_once_per_denoiser_call():
+    from orbitquant.quant.act import NonFiniteInput
     from orbitquant.quant.calib import denoiser_call
-    from orbitquant.quant.nn import _DEFERRED, NonFiniteInput, QuantLinear
+    from orbitquant.quant.nn import _DEFERRED, QuantLinear
 
     d = 1024
     rot, cb = RPBH(d, warn=False), get_codebook(d, 4)

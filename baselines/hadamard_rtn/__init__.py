@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from orbitquant.quant.act import uniform_act
 from orbitquant.quant.config import QuantConfig, check_rotation, check_symmetric_bits
 from orbitquant.quant.methods.base import RotatedQuantizer
-from orbitquant.quant.nn import QuantLinear, uniform_act, uniform_store
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import uniform_store
 
 
 @dataclass(frozen=True)

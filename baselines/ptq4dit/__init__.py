@@ -32,10 +32,12 @@ import time
 import torch
 from torch import nn
 
+from orbitquant.quant.act import ChannelScale, NoActQuant
 from orbitquant.quant.methods.base import Quantizer
-from orbitquant.quant.nn import ChannelScale, DenseWeight, NoActQuant, QuantLinear
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import DenseWeight
 
 from .calib import StepCollector, StepRecorder, selected_steps
 from .config import BALANCED_ROLES, SSC_MODES, PTQ4DiTConfig

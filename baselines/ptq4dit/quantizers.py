@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from orbitquant.quant.nn import ActQuantizer, NonFiniteInput, WeightStore
+from orbitquant.quant.act import ActQuantizer, NonFiniteInput
 from orbitquant.quant.primitives import pack_codes, unpack_codes
+from orbitquant.quant.weights import WeightStore
 
 #: Q-Diffusion / PTQ4DiT ``scale_method='mse'`` candidates: quantile clips of both tails
 PERCENTILES = (0.999, 0.9999, 0.99999)

@@ -33,12 +33,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from orbitquant.quant.act import GroupActQuant, NoActQuant
 from orbitquant.quant.calib import InputRecorder
 from orbitquant.quant.config import QuantConfig, check_symmetric_bits
 from orbitquant.quant.methods.base import Quantizer
-from orbitquant.quant.nn import DenseWeight, GroupActQuant, GroupUniformWeight, NoActQuant, QuantLinear
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import DenseWeight, GroupUniformWeight
 
 from .gptq import gptq_quantize, rtn_groups
 

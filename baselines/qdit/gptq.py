@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from orbitquant.quant.nn import GroupedCodes
+from orbitquant.quant.weights import GroupedCodes
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,14 @@ from typing import ClassVar
 
 import torch
 
+from orbitquant.quant.act import ChannelScale, StaticUniformActQuant, uniform_act
 from orbitquant.quant.config import QuantConfig
 from orbitquant.quant.methods.base import CollectingQuantizer
-from orbitquant.quant.nn import ChannelScale, QuantLinear, StaticUniformActQuant, uniform_act, uniform_store
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.primitives import relative_error
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import uniform_store
 
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

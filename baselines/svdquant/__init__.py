@@ -56,20 +56,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from orbitquant.quant.act import ActQuantizer, ChannelScale, GroupActQuant, NonFiniteInput
 from orbitquant.quant.calib import ActivationCollector
 from orbitquant.quant.config import QuantConfig
 from orbitquant.quant.methods.base import CollectingQuantizer
-from orbitquant.quant.nn import (
-    ActQuantizer,
-    ChannelScale,
-    GroupActQuant,
-    GroupWeight,
-    LowRankQuantLinear,
-    NonFiniteInput,
-)
+from orbitquant.quant.nn import LowRankQuantLinear
 from orbitquant.quant.primitives import dequantize_groups, fake_quant_groups, quantize_groups
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import GroupWeight
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from orbitquant.quant.act import ChannelScale, NoActQuant
 from orbitquant.quant.calib import current_call
 from orbitquant.quant.config import QuantConfig, check_rotation
 from orbitquant.quant.methods.base import Quantizer
-from orbitquant.quant.nn import ChannelScale, NoActQuant, QuantLinear, uniform_store
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.rotation import make_rotation
 from orbitquant.quant.types import ROLES, LayerRef
+from orbitquant.quant.weights import uniform_store
 
 from .layers import (
     ScheduledQuantLinear,

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from orbitquant.quant.act import ActQuantizer, NonFiniteInput
 from orbitquant.quant.calib import DenoiserCall, current_call
-from orbitquant.quant.nn import ActQuantizer, NonFiniteInput, QuantLinear, WeightStore
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.primitives import qrange
 from orbitquant.quant.rotation import Rotation
+from orbitquant.quant.weights import WeightStore
 
 #: p used when no denoiser call (or no ``n_steps``) is published
 DEFAULT_POSITION = 0.5

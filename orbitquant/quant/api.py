@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orbitquant.quant.act import NoActQuant
 from orbitquant.quant.artifacts import load_artifact, save_artifact
 from orbitquant.quant.config import QuantConfig, torch_dtype
 from orbitquant.quant.layer_stats import rotation_ks
-from orbitquant.quant.nn import GroupWeight, NoActQuant, QuantLinear, construction_runtime
+from orbitquant.quant.nn import QuantLinear, construction_runtime
 from orbitquant.quant.primitives import relative_error, sqnr_db
 from orbitquant.quant.registry import METHODS
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import GroupWeight
 
 ADALN_TREATMENT = "int4_g64 wo"  # the shared adaLN policy (INT4 g64 weight-only), the same for every method
 

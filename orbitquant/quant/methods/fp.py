@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from orbitquant.quant.config import FPConfig
 from orbitquant.quant.methods.base import Quantizer
-from orbitquant.quant.nn import DenseWeight, QuantLinear
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import DenseWeight
 
 
 @register_method

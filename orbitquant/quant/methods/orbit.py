@@ -8,12 +8,14 @@ dimension d, shared by every layer with that d.
 
 from __future__ import annotations
 
+from orbitquant.quant.act import NoActQuant, OrbitActQuant
 from orbitquant.quant.codebook import get_codebook
 from orbitquant.quant.config import OrbitConfig, torch_dtype
 from orbitquant.quant.methods.base import RotatedQuantizer
-from orbitquant.quant.nn import DenseWeight, NoActQuant, OrbitActQuant, OrbitWeight, QuantLinear
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import DenseWeight, OrbitWeight
 
 
 @register_method

@@ -4,11 +4,13 @@ baseline."""
 
 from __future__ import annotations
 
+from orbitquant.quant.act import GroupActQuant, uniform_act
 from orbitquant.quant.config import RTNConfig
 from orbitquant.quant.methods.base import Quantizer
-from orbitquant.quant.nn import GroupActQuant, GroupWeight, QuantLinear, uniform_act, uniform_store
+from orbitquant.quant.nn import QuantLinear
 from orbitquant.quant.registry import register_method
 from orbitquant.quant.types import LayerRef
+from orbitquant.quant.weights import GroupWeight, uniform_store
 
 
 @register_method
