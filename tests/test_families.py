@@ -114,9 +114,11 @@ def test_orbit_error_grows_as_bits_shrink_and_stays_above_the_floor(adapter_name
     check_error_grows_as_bits_shrink(adapter_name)
 
 
-#: the whole method sweep on two more families (~27 s each) runs under -m slow; their adapters, roles and sampling are
-#: still in the default run (test above and test_adapters.py), and flux / wan sweep the same t2i / t2v protocols here
-SWEEP_SLOW = {"tiny_cogvideox", "tiny_zimage"}
+#: the whole run.py method sweep on three families (27-42 s each) runs under -m slow; their adapters, roles and
+#: sampling are still in the default run (test above and test_adapters.py), flux / wan sweep the same t2i / t2v
+#: protocols here, and every method quantizes the tiny DiT in tests/test_every_method.py (a family added later gets
+#: the sweep in the default run)
+SWEEP_SLOW = {"tiny_cogvideox", "tiny_zimage", "tiny_dit"}
 
 
 @pytest.mark.parametrize("model, eval_", [pytest.param(m, e, marks=[pytest.mark.slow] if m in SWEEP_SLOW else [])

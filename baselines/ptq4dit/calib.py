@@ -11,9 +11,7 @@ import torch
 from orbitquant.quant.calib import (
     ActivationCollector,
     InputRecorder,
-    Record,
     _batch_of,
-    _take,
     current_call,
     split_halves,
 )
@@ -86,10 +84,7 @@ class StepRecorder(InputRecorder):
         call, batch = current_call(), _batch_of(args, kwargs)
         if batch is None:
             return
-        k = len(call.halves) if call else 1
-        if batch % k:
-            k = 1
-        chunk = batch // k
+        k, chunk = self._split(call, batch)
         names = call.halves if call and k > 1 else (call.halves[0] if call else "all",)
         step = call.step if call else -1
         picks = []
@@ -105,9 +100,4 @@ class StepRecorder(InputRecorder):
             self._counts[(step, half)] = self._counts.get((step, half), 0) + len(rows)
         if not picks:
             return
-        rows = torch.cat(picks)
-        taken_args = [_take(a, batch, rows) for a in args]
-        taken_kw = {key: _take(v, batch, rows) for key, v in kwargs.items()}
-        batched = {i for i, (_, b) in enumerate(taken_args) if b} | {key for key, (_, b) in taken_kw.items() if b}
-        self.records.append(Record(tuple(v for v, _ in taken_args), {key: v for key, (v, _) in taken_kw.items()},
-                                   frozenset(batched), len(rows)))
+        self._keep(args, kwargs, batch, torch.cat(picks))

@@ -253,16 +253,28 @@ class InputRecorder:
     def rows(self) -> int:
         return sum(r.rows for r in self.records)
 
+    @staticmethod
+    def _split(call: DenoiserCall | None, batch: int) -> tuple[int, int]:
+        """(CFG halves in this call's batch, rows per half): one half when the batch does not split evenly."""
+        k = len(call.halves) if call else 1
+        k = 1 if batch % k else k
+        return k, batch // k
+
+    def _keep(self, args: tuple, kwargs: dict, batch: int, rows: torch.Tensor) -> None:
+        """Record ``rows`` of this call's batched arguments (unbatched ones as they are)."""
+        taken_args = [_take(a, batch, rows) for a in args]
+        taken_kw = {key: _take(v, batch, rows) for key, v in kwargs.items()}
+        batched = {i for i, (_, b) in enumerate(taken_args) if b} | {key for key, (_, b) in taken_kw.items() if b}
+        self.records.append(Record(tuple(v for v, _ in taken_args), {key: v for key, (v, _) in taken_kw.items()},
+                                   frozenset(batched), len(rows)))
+
     def _hook(self, _mod, args, kwargs) -> None:
         if self.rows >= self.n:
             return
         call, batch = current_call(), _batch_of(args, kwargs)
         if batch is None:
             return
-        k = len(call.halves) if call else 1
-        if batch % k:
-            k = 1
-        chunk = batch // k
+        k, chunk = self._split(call, batch)
         cond = [i for i, h in enumerate(call.halves if call and k > 1 else ("cond",)) if h == "cond"]
         if call is not None and k == 1 and call.halves[0] != "cond":
             return  # a separate unconditional call
@@ -278,11 +290,7 @@ class InputRecorder:
         rows = rows[: self.n - self.rows] + base
         if len(rows) == 0:
             return
-        taken_args = [_take(a, batch, rows) for a in args]
-        taken_kw = {key: _take(v, batch, rows) for key, v in kwargs.items()}
-        batched = {i for i, (_, b) in enumerate(taken_args) if b} | {key for key, (_, b) in taken_kw.items() if b}
-        self.records.append(Record(tuple(v for v, _ in taken_args), {key: v for key, (v, _) in taken_kw.items()},
-                                   frozenset(batched), len(rows)))
+        self._keep(args, kwargs, batch, rows)
 
     def attach(self, denoiser: nn.Module) -> InputRecorder:
         self._handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
