@@ -58,7 +58,7 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_resumes_after_a_kill_and_
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["eval=smoke", "quant=smoothquant", "w_bits=4", "a_bits=8", "calib.protocol.n_per_class=2",
-              "eval.protocol.batch_size=4", "progress=false"]
+              "eval.protocol.batch_size=2", "progress=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "run.py"), f"results_dir={tmp_path}/tr", f"cache_dir={tmp_path}/cache_tr", *common]
     a = tmp_path / "tr/digits/smoothquant/w4a8/smoke/q0-s0"
@@ -67,7 +67,7 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_resumes_after_a_kill_and_
                        env={**env, "ORBITQUANT_KILL_AT": "samples:shard:2"})
     assert p.returncode != 0 and not (a / "results.json").exists()
     kept = {f.name: f.stat().st_mtime_ns for f in (a / "samples").glob("shard-*.json")}
-    assert len(kept) == 4  # ranks' items 0-9 and 10-19 in batches of 4: two shards each were finished
+    assert len(kept) == 4  # ranks' items 0-9 and 10-19 in batches of 2: two shards each were finished
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert {f.name: f.stat().st_mtime_ns for f in (a / "samples").glob("shard-*.json") if f.name in kept} == kept
@@ -75,11 +75,13 @@ def test_torchrun_shards_samples_across_two_gloo_ranks_resumes_after_a_kill_and_
     b = tmp_path / "runs/digits/smoothquant/w4a8/smoke/q0-s0"
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["sampling"]["ranks"] == 2 and rb["sampling"]["ranks"] == 1
-    # both ranks wrote their items into one store: [0,4) [4,8) [8,10) and [10,14) [14,18) [18,20)
-    assert ra["sampling"]["shards"] == 6 and rb["sampling"]["shards"] == 5
+    # both ranks wrote their items into one store, in batches of 2 as the one process did: the same batch
+    # composition (with batches of 4 the ranks' last batch [8,10) differs from [8,12); batched fp32 GEMMs then round
+    # differently, and a quantizer can turn one rounding flip into a whole step: 0.04 on the Intel dev machine)
+    assert ra["sampling"]["shards"] == 10 and rb["sampling"]["shards"] == 10
     sa, sb = SampleSet.open(a / "samples"), SampleSet.open(b / "samples")
     assert torch.equal(sa.labels, sb.labels)
-    torch.testing.assert_close(_stored(a), _stored(b), atol=1e-5, rtol=0)  # batch composition moves the last bits
+    torch.testing.assert_close(_stored(a), _stored(b), atol=1e-5, rtol=0)
     for m in ra["metrics"]:
         assert abs(float(ra["metrics"][m]["value"]) - float(rb["metrics"][m]["value"])) < 1e-3, m
 
