@@ -8,7 +8,7 @@ JSON, so ``config.json`` says exactly what was applied. ``orbitquant.hf.quantize
 from __future__ import annotations
 
 import copy
-import dataclasses
+import inspect
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -97,14 +97,15 @@ class OrbitQuantDiffusersConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> dict[str, Any]:
         """The settings that differ from this method's defaults (``repr`` prints these)."""
-        # the method's dataclass defaults, not a constructed default config: a method whose default needs
-        # calibration (qdit's GPTQ) is valid here with other options (weights=rtn) but not with its defaults
+        # the method config's own defaults, serialized as __init__ serializes them (config_dict), and the loader
+        # options' defaults from __init__'s signature; not a default OrbitQuantDiffusersConfig, which refuses a method
+        # whose defaults need calibration (qdit's GPTQ) though it is valid here with other options (weights=rtn)
         from orbitquant.quant.registry import METHODS
 
-        cls = METHODS.get(self.method).config_cls
-        default = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-        default = {k: list(v) if isinstance(v, tuple) else v for k, v in default.items()}  # JSON: tuples are lists
-        default.update(runtime="fast", modules_to_not_convert=[], roles="auto")
+        default = config_dict(METHODS.get(self.method).config_cls())
+        default.update({k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()
+                        if k in _LOADER_KEYS})
+        default["modules_to_not_convert"] = default["modules_to_not_convert"] or []  # None in the signature
         return {k: v for k, v in self.to_dict().items() if k in ("quant_method", "method") or default.get(k) != v}
 
 
