@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from orbitquant.harness.adapters.base import ModelAdapter
 from orbitquant.harness.adapters.dit_roles import dit_layer_refs
-from orbitquant.harness.adapters.plan_facts import CfgRule, Geometry, self_attention_flops
+from orbitquant.harness.adapters.plan_facts import CfgRule, ClassConditionalFacts, Geometry
 from orbitquant.harness.distributed import shard_range
 from orbitquant.harness.paths import ASSETS
 from orbitquant.harness.samplestore import MemorySink
@@ -112,7 +112,7 @@ class DigitsPipeline:
 
 
 @register_model("digits")
-class DigitsAdapter(ModelAdapter):
+class DigitsAdapter(ClassConditionalFacts, ModelAdapter):
     """Adapter for the shipped digits DiT; ``outlier_channels > 0`` gives the ``digits_outliers`` variant."""
 
     modality = "image"
@@ -126,13 +126,6 @@ class DigitsAdapter(ModelAdapter):
         side, p = cfg["sample_size"], cfg["patch_size"]
         return Geometry((side // p) ** 2, 0, (cfg["in_channels"], side, side),
                         f"{side}x{side} px, no VAE, patch {p}: ({side}/{p})^2")
-
-    def plan_text_tokens(self) -> tuple[int, str]:
-        return 0, "class-conditional: no text tokens"
-
-    @classmethod
-    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
-        return self_attention_flops(cfg, stacks["transformer_blocks"], media)
 
     def __init__(self, name: str = "digits", path: str | None = None, outlier_channels: int = 0,
                  outlier_scale: float = 8.0, outlier_seed: int = 0) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from orbitquant.harness.adapters.diffusers_base import DiffusersAdapter
 from orbitquant.harness.adapters.dit_roles import DIT_ROLES
-from orbitquant.harness.adapters.plan_facts import KL_VAE_PARAMS, CfgRule, Geometry, self_attention_flops
+from orbitquant.harness.adapters.plan_facts import KL_VAE_PARAMS, CfgRule, ClassConditionalFacts, Geometry
 from orbitquant.harness.adapters.random_init import build_denoiser, building, finish, shipped_config, standin_kl_vae
 from orbitquant.harness.adapters.tiny_parts import tiny_kl_vae
 from orbitquant.harness.samplestore import MemorySink
@@ -21,7 +21,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "dd
 
 
 @register_model("dit")
-class DiTAdapter(DiffusersAdapter):
+class DiTAdapter(ClassConditionalFacts, DiffusersAdapter):
     roles = DIT_ROLES
     transformer_cls = "DiTTransformer2DModel"
     tiny_generate_kwargs = {"guidance": 1.5}
@@ -38,13 +38,6 @@ class DiTAdapter(DiffusersAdapter):
         lat, p = cfg["sample_size"], cfg["patch_size"]
         return Geometry((lat // p) ** 2, 0, (3, lat * 8, lat * 8),
                         f"{lat * 8}^2 px -> {lat}^2 latent (VAE x8) -> patch {p}: {lat // p}^2")
-
-    def plan_text_tokens(self) -> tuple[int, str]:
-        return 0, "class-conditional: no text tokens"
-
-    @classmethod
-    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
-        return self_attention_flops(cfg, stacks["transformer_blocks"], media)
 
     def __init__(self, scheduler: str | None = "ddim", **kw) -> None:
         if scheduler is not None and scheduler not in SCHEDULERS:

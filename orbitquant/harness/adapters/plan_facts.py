@@ -123,5 +123,18 @@ class PlanFacts:
 
 
 
-__all__ = ["KL_VAE_PARAMS", "T5_XXL_ENCODER", "CfgRule", "Geometry", "PlanFacts", "attention_inner",
+class ClassConditionalFacts:
+    """The planner facts every class-conditional DiT shares (digits, DiT-XL/2): no text tokens (the label enters
+    through adaLN), self-attention over the image tokens of each ``transformer_blocks`` block. Listed before the
+    adapter base so these override ``PlanFacts``' defaults."""
+
+    def plan_text_tokens(self) -> tuple[int, str]:
+        return 0, "class-conditional: no text tokens"
+
+    @classmethod
+    def plan_attention_flops(cls, cfg: dict, stacks: dict[str, int], media: int, text: int) -> float:
+        return self_attention_flops(cfg, stacks["transformer_blocks"], media)
+
+
+__all__ = ["KL_VAE_PARAMS", "T5_XXL_ENCODER", "CfgRule", "ClassConditionalFacts", "Geometry", "PlanFacts", "attention_inner",
            "image_geometry", "self_attention_flops", "video_geometry"]
